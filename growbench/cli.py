@@ -1,0 +1,139 @@
+"""`growbench run | list | leaderboard`: Hydra-style `key=value` overrides on top of a suite YAML.
+
+Bad input (unknown suite, key, method or value, missing dataset files) prints one error that names the
+valid choices or the fix and exits with code 2 before anything runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from growbench.config import ConfigError, available_suites, load_suite, read_yaml
+
+EPILOG_RUN = """\
+overrides (Hydra style, values in YAML syntax):
+  suite=NAME                  a suite from `growbench list` (default: toy) or a path to a YAML file
+  budget.epochs=3             any key of the suite, dotted
+  methods=[fixed,random]      lists in brackets
+  seeds=[0,1,2]
+  dataset.root=/data          where the datasets live (else $GROWBENCH_DATA, else ~/.cache/growbench/data)
+  device=cuda                 auto | cpu | cuda | cuda:1
+  method_settings.random.units_per_step=2
+  results_dir=results         records go to <results_dir>/runs/<suite>/<dataset>/<method>/
+examples:
+  growbench run                                  # the toy suite, in under a minute on a CPU
+  growbench run suite=mnist seeds=[0] --dry-run  # the plan, what is done, a cost estimate
+  growbench run suite=cifar-small device=cuda methods=[fixed]
+"""
+
+
+def _split_overrides(items: list[str]) -> tuple[str, list[str]]:
+    suite = "toy"
+    rest = []
+    for it in items:
+        if it.startswith("suite="):
+            suite = it.split("=", 1)[1]
+        else:
+            rest.append(it)
+    return suite, rest
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from growbench.runner import dry_run, run_suite
+
+    name, overrides = _split_overrides(args.overrides)
+    suite = load_suite(name, overrides)
+    if args.dry_run:
+        dry_run(suite)
+        return 0
+    summary = run_suite(suite, show_progress=False if args.quiet else None)
+    print(f"done: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} already recorded; "
+          f"records under {suite.results_dir}/runs/{suite.name}/")
+    print(f"table: growbench leaderboard suite={name}" + (f" results_dir={suite.results_dir}"
+                                                          if suite.results_dir != "results" else ""))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from growbench.data import DATASETS
+    from growbench.methods import PluginLoadError, load_method_class, method_names
+
+    print("suites:")
+    for name, path in sorted(available_suites().items()):
+        try:
+            desc = str(read_yaml(path).get("description", "")).strip().splitlines()[0]
+        except (ConfigError, IndexError):
+            desc = ""
+        print(f"  {name:16s} {desc}")
+    print("methods:")
+    for name in method_names():
+        try:
+            cls = load_method_class(name)
+            doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
+            print(f"  {name:16s} {doc[0] if doc else ''}")
+        except PluginLoadError as e:
+            print(f"  {name:16s} BROKEN: {e}")
+    print("datasets:")
+    print("  " + ", ".join(DATASETS))
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from growbench.leaderboard import print_leaderboard
+
+    name, overrides = _split_overrides(args.overrides)
+    print_leaderboard(load_suite(name, overrides), sys.stdout)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="growbench",
+        description="Benchmark neural-network growth methods under one harness: same data, same budget, "
+                    "same evaluation; growth overhead measured, not hidden.")
+    from growbench import __version__
+
+    p.add_argument("--version", action="version", version=f"growbench {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    r = sub.add_parser("run", help="run a suite's missing cells (default suite: toy)",
+                       description="Run every cell (dataset x method x seed) of a suite that has no record yet.",
+                       epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="suite=NAME and overrides")
+    r.add_argument("--dry-run", action="store_true", help="print the plan, what is done and a cost estimate; run nothing")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+    li = sub.add_parser("list", help="show suites, methods (with plugins) and datasets")
+    li.set_defaults(func=cmd_list)
+    lb = sub.add_parser("leaderboard", help="print a suite's table from its records",
+                        description="Print a table per (dataset, method) from the records of a suite: cells done, "
+                                    "mean ± std test accuracy, final params, train and growth time.")
+    lb.add_argument("overrides", nargs="*", metavar="key=value", help="suite=NAME (and results_dir=...)")
+    lb.set_defaults(func=cmd_leaderboard)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # key=value may also come after --flags
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from growbench.data import DatasetError
+    from growbench.records import RecordWriteError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError) as e:
+        print(f"growbench: error: {e}", file=sys.stderr)
+        return 2
+    except RecordWriteError as e:
+        print(f"growbench: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Growable VGG-style CNN: conv3x3-BN-ReLU layers, optional 2x2 max-pools, global average pool, linear.
+
+Global average pooling makes channel j of the last conv feed exactly column j of the classifier,
+so every conv layer is a growable hidden layer with the same primitive code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growbench.models.growable import GrowableNet, Hidden
+
+
+class VGG(GrowableNet):
+    family = "vgg"
+
+    def __init__(self, input_shape: tuple[int, ...], num_outputs: int, hidden: list[int],
+                 pool_after: list[int] = (), batchnorm: bool | list[bool] = True) -> None:
+        super().__init__()
+        self._input_shape = tuple(input_shape)
+        bns = [batchnorm] * len(hidden) if isinstance(batchnorm, bool) else list(batchnorm)
+        chans = [input_shape[0], *hidden]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, bias=not bn)
+                                   for a, b, bn in zip(chans[:-1], chans[1:], bns))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) if bn else nn.Identity() for c, bn in zip(hidden, bns))
+        self.pools = [i in set(pool_after) for i in range(len(hidden))]
+        self.act = nn.ReLU()
+        self.classifier = nn.Linear(hidden[-1], num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, bn, pool in zip(self.convs, self.bns, self.pools):
+            x = self.act(bn(conv(x)))
+            if pool:
+                x = F.max_pool2d(x, 2)
+        return self.classifier(x.mean((2, 3)))
+
+    def hidden_layers(self) -> list[Hidden]:
+        outs = [*self.convs[1:], self.classifier]
+        return [Hidden(f"conv{i}", conv, bn if isinstance(bn, nn.BatchNorm2d) else None, self.act, out)
+                for i, (conv, bn, out) in enumerate(zip(self.convs, self.bns, outs))]
+
+    def spec(self) -> dict:
+        return {"family": "vgg", "input_shape": list(self._input_shape),
+                "num_outputs": self.classifier.out_features,
+                "hidden": [c.out_channels for c in self.convs],
+                "pool_after": [i for i, p in enumerate(self.pools) if p],
+                "batchnorm": [isinstance(b, nn.BatchNorm2d) for b in self.bns]}
+
+    @torch.no_grad()
+    def insert_identity_layer(self, after: str) -> str:
+        """Insert a 3x3 conv with a Dirac kernel (and ReLU, no BatchNorm) after layer `after` and its
+        pool. Exact: its input is a ReLU output. No BatchNorm because train-mode BN would renormalise
+        the activations and break function preservation."""
+        i = [h.name for h in self.hidden_layers()].index(after)
+        c = self.convs[i].out_channels
+        ref = self.convs[i].weight
+        conv = nn.Conv2d(c, c, 3, padding=1, bias=True).to(ref)
+        nn.init.dirac_(conv.weight)
+        conv.bias.zero_()
+        self.convs.insert(i + 1, conv)
+        self.bns.insert(i + 1, nn.Identity())
+        self.pools.insert(i + 1, False)
+        return f"conv{i + 1}"

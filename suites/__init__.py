@@ -1,0 +1,1 @@
+"""Suite YAML files shipped with growbench (installed as growbench.suites)."""
