@@ -113,6 +113,8 @@ class GrowableNet(nn.Module):
         want_out = (O.shape[0], k, *O.shape[2:])
         if tuple(w_out.shape) != want_out:
             raise ValueError(f"w_out of {name} must have shape {want_out}, got {tuple(w_out.shape)}")
+        if b_in is not None and h.inp.bias is not None and tuple(b_in.shape) != (k,):
+            raise ValueError(f"b_in of {name} must have shape ({k},), got {tuple(b_in.shape)}")
         n = W.shape[0]
         _set_param(self, h.inp, "weight", torch.cat([W, w_in.to(W)], 0))
         if h.inp.bias is not None:
@@ -134,6 +136,8 @@ class GrowableNet(nn.Module):
         """
         h = self.hidden(name)
         idx = torch.as_tensor(idx, dtype=torch.long, device=h.inp.weight.device)
+        if len(torch.unique(idx)) != len(idx):
+            raise ValueError(f"split_unit({name!r}): idx has repeated units {idx.tolist()}; split each unit once")
         W = h.inp.weight
         if tuple(delta.shape) != (len(idx), *W.shape[1:]):
             raise ValueError(f"delta of {name} must have shape {(len(idx), *W.shape[1:])}, got {tuple(delta.shape)}")

@@ -41,7 +41,9 @@ class MLP(GrowableNet):
     def insert_identity_layer(self, after: str, activation: str | nn.Module = "relu") -> str:
         """Insert Linear(d, d) = I after hidden layer `after`. With ReLU this is exact because the
         input is already a ReLU output (relu(relu(z)) = relu(z)); other activations need `identity`
-        or a module that is the identity at initialisation (SENN's rational activation)."""
+        ("identity"); `activation` may be a name or an instance of one of ACTIVATIONS. Methods with
+        their own activations (SENN's rational one) will need `spec()` to learn them first."""
+        self.hidden(after)  # KeyError naming the valid layers
         i = [h.name for h in self.hidden_layers()].index(after)
         d = self.linears[i].out_features
         if isinstance(activation, str):
@@ -50,7 +52,11 @@ class MLP(GrowableNet):
                                  "function-preserving; use activation='identity'")
             act, act_name = ACTIVATIONS[activation](), activation
         else:
-            act, act_name = activation, type(activation).__name__
+            act_name = next((n for n, cls in ACTIVATIONS.items() if type(activation) is cls), None)
+            if act_name is None:  # spec() must stay buildable by from_spec
+                raise ValueError(f"activation module {type(activation).__name__} is not one of "
+                                 f"{', '.join(ACTIVATIONS)}; pass its name instead")
+            act = activation
         ref = self.linears[i].weight
         lin = nn.Linear(d, d).to(ref)
         lin.weight.copy_(torch.eye(d))

@@ -72,6 +72,7 @@ class ResNet(GrowableNet):
     def insert_identity_layer(self, after: str, hidden: int | None = None) -> str:
         """Insert a basic block after block `after` (same stage). Its bn2 weight and bias are 0, so
         the block computes relu(0 + x) = x on the (non-negative) output of the previous block."""
+        self.hidden(after)  # KeyError naming the valid layers
         i, j = (int(t[1:]) for t in after.split("."))
         prev = self.stages[i][j]
         w = prev.conv2.out_channels

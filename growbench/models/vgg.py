@@ -52,6 +52,7 @@ class VGG(GrowableNet):
         """Insert a 3x3 conv with a Dirac kernel (and ReLU, no BatchNorm) after layer `after` and its
         pool. Exact: its input is a ReLU output. No BatchNorm because train-mode BN would renormalise
         the activations and break function preservation."""
+        self.hidden(after)  # KeyError naming the valid layers
         i = [h.name for h in self.hidden_layers()].index(after)
         c = self.convs[i].out_channels
         ref = self.convs[i].weight
