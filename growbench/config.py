@@ -49,7 +49,8 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [4])  # starting width of each growable layer
     max_hidden: list[int] | None = None  # growth caps per growable layer (None: no cap)
     activation: str = "relu"  # mlp: relu | selu | tanh | gelu
-    pool_after: list[int] = field(default_factory=list)  # vgg: 2x2 max-pool after these conv indices
+    pool_after: list[int] = field(default_factory=list)  # vgg: halve the resolution after these conv indices
+    downsample: str = "max"  # vgg: max (2x2 max-pool) | stride (the next conv has stride 2)
     batchnorm: bool = True  # vgg / resnet
     stem: int = 64  # resnet: stem channels
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # resnet stage widths
@@ -328,6 +329,7 @@ def validate(suite: Suite) -> None:
     m = suite.model
     _choice(m.family, MODEL_FAMILIES, "model.family")
     _choice(m.activation, ACTIVATIONS, "model.activation")
+    _choice(m.downsample, ("max", "stride"), "model.downsample")
     if not m.hidden:
         raise ConfigError("model.hidden: give the starting width of at least one growable layer")
     for i, h in enumerate(m.hidden):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from growbench.config import ModelConfig
-from growbench.models import MLP, VGG, GrowableNet, ResNet, build_model, count_flops, from_spec
+from growbench.models import GrowableNet, ResNet, build_model, count_flops, from_spec
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -29,6 +29,7 @@ FAMILIES: dict[str, tuple[ModelConfig, tuple[int, ...], int]] = {
     "mlp-selu": (ModelConfig(family="mlp", hidden=[5, 4], activation="selu"), (6,), 3),
     "vgg-bn": (ModelConfig(family="vgg", hidden=[4, 6, 5], pool_after=[0, 2], batchnorm=True), (3, 8, 8), 4),
     "vgg-nobn": (ModelConfig(family="vgg", hidden=[4, 5], pool_after=[1], batchnorm=False), (3, 8, 8), 4),
+    "vgg-stride": (ModelConfig(family="vgg", hidden=[4, 6, 5], pool_after=[0, 1], downsample="stride"), (3, 8, 8), 4),
     "resnet": (ModelConfig(family="resnet", hidden=[2, 3], stem=8, widths=[8, 16], blocks=[1, 1]), (3, 16, 16), 5),
 }
 
@@ -45,6 +46,9 @@ PER_UNIT: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("vgg-bn", "conv2"): (6 * 9, 0, 2, 4),  # the classifier after global average pooling
     ("vgg-nobn", "conv0"): (3 * 9, 1, 0, 5 * 9),
     ("vgg-nobn", "conv1"): (4 * 9, 1, 0, 4),
+    ("vgg-stride", "conv0"): (3 * 9, 0, 2, 6 * 9),
+    ("vgg-stride", "conv1"): (4 * 9, 0, 2, 5 * 9),  # conv2 has stride 2
+    ("vgg-stride", "conv2"): (6 * 9, 0, 2, 4),
     ("resnet", "s0.b0"): (8 * 9, 0, 2, 8 * 9),  # conv1 (no bias) + bn1 + conv2
     ("resnet", "s1.b0"): (8 * 9, 0, 2, 16 * 9),
 }
@@ -389,7 +393,8 @@ def test_insert_identity_layer_vgg_is_dirac_conv_without_bn(name):
     assert torch.equal(h.inp.bias, torch.zeros(c))
     i = int(new[4:])
     assert model.spec()["batchnorm"][i] is False
-    assert model.spec()["pool_after"] == [p + (p >= i) for p in [0, 2]]
+    pools = model.spec()["pools"]
+    assert [j for j, p in enumerate(pools) if p] == [p + (p >= i) for p in [0, 2]]
 
 
 def test_insert_identity_layer_resnet_block_width():

@@ -4,7 +4,7 @@ from __future__ import annotations
 from growbench.models.growable import GrowableNet, Hidden, count_flops
 from growbench.models.mlp import MLP
 from growbench.models.resnet import ResNet
-from growbench.models.vgg import VGG
+from growbench.models.vgg import VGG, vgg_layout
 
 __all__ = ["GrowableNet", "Hidden", "MLP", "VGG", "ResNet", "build_model", "from_spec", "count_flops"]
 
@@ -19,7 +19,8 @@ def build_model(cfg, input_shape: tuple[int, ...], num_outputs: int, hidden: lis
     if len(input_shape) != 3:
         raise ValueError(f"model.family={cfg.family} needs image inputs (C, H, W); this dataset gives {input_shape}")
     if cfg.family == "vgg":
-        return VGG(input_shape, num_outputs, hidden, cfg.pool_after, cfg.batchnorm)
+        pools, strides = vgg_layout(len(hidden), cfg.pool_after, cfg.downsample)
+        return VGG(input_shape, num_outputs, hidden, pools, strides, cfg.batchnorm)
     if cfg.family == "resnet":
         stages = [{"width": w, "stride": RESNET_STRIDES[i], "hidden": [h] * n}
                   for i, (w, n, h) in enumerate(zip(cfg.widths, cfg.blocks, hidden))]

@@ -32,6 +32,7 @@ class Hidden:
     bn: nn.BatchNorm1d | nn.BatchNorm2d | None
     act: nn.Module
     out: Layer
+    pool: bool = False  # a max-pool sits between act and out (the path is not linear in the units)
 
     @property
     def width(self) -> int:

@@ -1,7 +1,10 @@
-"""Growable VGG-style CNN: conv3x3-BN-ReLU layers, optional 2x2 max-pools, global average pool, linear.
+"""Growable VGG-style CNN: conv3x3-BN-ReLU layers, downsampling, global average pool, linear.
 
 Global average pooling makes channel j of the last conv feed exactly column j of the classifier,
-so every conv layer is a growable hidden layer with the same primitive code.
+so every conv layer is a growable hidden layer with the same primitive code. Downsampling is either
+a 2x2 max-pool after a layer (classic VGG) or a stride-2 next conv (all-convolutional): with strides
+the path between two convs is linear up to the activation, which first-order methods such as TINY
+need to be exact; `Hidden.pool` tells a method where a max-pool sits in between.
 """
 from __future__ import annotations
 
@@ -16,15 +19,18 @@ class VGG(GrowableNet):
     family = "vgg"
 
     def __init__(self, input_shape: tuple[int, ...], num_outputs: int, hidden: list[int],
-                 pool_after: list[int] = (), batchnorm: bool | list[bool] = True) -> None:
+                 pools: list[bool] | None = None, strides: list[int] | None = None,
+                 batchnorm: bool | list[bool] = True) -> None:
+        """pools[i]: 2x2 max-pool after conv i; strides[i]: stride of conv i (see `vgg_layout`)."""
         super().__init__()
         self._input_shape = tuple(input_shape)
         bns = [batchnorm] * len(hidden) if isinstance(batchnorm, bool) else list(batchnorm)
+        strides = list(strides or [1] * len(hidden))
         chans = [input_shape[0], *hidden]
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, bias=not bn)
-                                   for a, b, bn in zip(chans[:-1], chans[1:], bns))
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=st, padding=1, bias=not bn)
+                                   for a, b, st, bn in zip(chans[:-1], chans[1:], strides, bns))
         self.bns = nn.ModuleList(nn.BatchNorm2d(c) if bn else nn.Identity() for c, bn in zip(hidden, bns))
-        self.pools = [i in set(pool_after) for i in range(len(hidden))]
+        self.pools = list(pools or [False] * len(hidden))
         self.act = nn.ReLU()
         self.classifier = nn.Linear(hidden[-1], num_outputs)
 
@@ -37,14 +43,14 @@ class VGG(GrowableNet):
 
     def hidden_layers(self) -> list[Hidden]:
         outs = [*self.convs[1:], self.classifier]
-        return [Hidden(f"conv{i}", conv, bn if isinstance(bn, nn.BatchNorm2d) else None, self.act, out)
-                for i, (conv, bn, out) in enumerate(zip(self.convs, self.bns, outs))]
+        return [Hidden(f"conv{i}", conv, bn if isinstance(bn, nn.BatchNorm2d) else None, self.act, out, pool)
+                for i, (conv, bn, out, pool) in enumerate(zip(self.convs, self.bns, outs, self.pools))]
 
     def spec(self) -> dict:
         return {"family": "vgg", "input_shape": list(self._input_shape),
                 "num_outputs": self.classifier.out_features,
-                "hidden": [c.out_channels for c in self.convs],
-                "pool_after": [i for i, p in enumerate(self.pools) if p],
+                "hidden": [c.out_channels for c in self.convs], "pools": list(self.pools),
+                "strides": [c.stride[0] for c in self.convs],
                 "batchnorm": [isinstance(b, nn.BatchNorm2d) for b in self.bns]}
 
     @torch.no_grad()
@@ -63,3 +69,13 @@ class VGG(GrowableNet):
         self.bns.insert(i + 1, nn.Identity())
         self.pools.insert(i + 1, False)
         return f"conv{i + 1}"
+
+
+def vgg_layout(n: int, pool_after: list[int], downsample: str) -> tuple[list[bool], list[int]]:
+    """(pools, strides) for n convs that halve the resolution after each layer in `pool_after`:
+    by a max-pool there, or by giving the next conv stride 2 (after the last conv: nothing, the
+    global average pool follows)."""
+    after = set(pool_after)
+    if downsample == "max":
+        return [i in after for i in range(n)], [1] * n
+    return [False] * n, [2 if (i - 1) in after else 1 for i in range(n)]
