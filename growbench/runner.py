@@ -241,6 +241,7 @@ def run_suite(suite: Suite, out=None, show_progress: bool | None = None) -> dict
         def progress(step: int, total: int, cell_bar=cell_bar) -> None:
             if cell_bar.total is None:
                 cell_bar.total = total
+                cell_bar.refresh()
             if step - cell_bar.n >= 20 or step == total:
                 cell_bar.update(step - cell_bar.n)
 

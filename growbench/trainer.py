@@ -216,7 +216,7 @@ def train(model: GrowableNet, method: GrowthMethod, data: Dataset, suite: Suite,
 
     model.to(device).train()
     set_width_caps(model, suite)
-    opt = build_optimizer(model, suite.optimizer)
+    opt = method.configure_optimizer(model, suite.optimizer) or build_optimizer(model, suite.optimizer)
     method_gen = torch.Generator().manual_seed(derived_seed(seed, "method"))
     ctx = Context(dataset=data, device=device, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                   batch_size=b.batch_size, generator=method_gen, optimizer=opt, model=model,

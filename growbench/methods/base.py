@@ -3,6 +3,7 @@
 The trainer owns the loop, the optimizer, the clocks and the FLOP meter; a method only acts through
 these hooks, called in this order:
 
+    configure_optimizer(model, cfg)         once: an optimizer to use instead of the suite's (None: the suite's)
     setup(model, ctx)                       once, before the first step
     should_grow(model, ctx) -> bool         before every training step (keep it cheap)
     grow(model, ctx) -> list[GrowthEvent]   when should_grow said yes; timed and FLOP-counted as growth
@@ -58,6 +59,12 @@ class GrowthMethod:
         self.events_done = 0
 
     # ---------------------------------------------------------------- hooks
+    def configure_optimizer(self, model: "GrowableNet", cfg: Any) -> Any:
+        """A torch optimizer to train with instead of the suite's (e.g. SENN's natural-gradient steps), or
+        None. It gets the suite's learning-rate schedule, and after growth its state is kept for existing
+        entries and zero for new ones (`growbench.optim.sync_optimizer`) like any other optimizer."""
+        return None
+
     def setup(self, model: "GrowableNet", ctx: "Context") -> None:
         pass
 
