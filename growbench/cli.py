@@ -79,10 +79,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from growbench.leaderboard import print_leaderboard
+    from growbench.leaderboard import print_leaderboard, write_all
 
+    if args.all:
+        if any(o.startswith("suite=") for o in args.overrides):
+            raise ConfigError("leaderboard --all takes every suite with records; leave suite= out")
+        results_dir = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("results_dir=")), "results")
+        write_all(results_dir, args.overrides, figures=not args.no_figures)
+        return 0
     name, overrides = _split_overrides(args.overrides)
-    print_leaderboard(load_suite(name, overrides), sys.stdout)
+    print_leaderboard(load_suite(name, overrides), sys.stdout, overrides, figures=not args.no_figures)
     return 0
 
 
@@ -104,10 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     li = sub.add_parser("list", help="show suites, methods (with plugins) and datasets")
     li.set_defaults(func=cmd_list)
-    lb = sub.add_parser("leaderboard", help="print a suite's table from its records",
-                        description="Print a table per (dataset, method) from the records of a suite: cells done, "
-                                    "mean ± std test accuracy, final params, train and growth time.")
+    lb = sub.add_parser("leaderboard", help="write and print a suite's tables and figures from its records",
+                        description="Write <results_dir>/leaderboards/<suite>.{md,csv,tex} (one table per dataset: "
+                                    "cells done, mean ± std and bootstrap CI of the final metric, average rank, wins "
+                                    "vs the size-matched fixed baseline, params, FLOPs, train/growth/search time), "
+                                    "figures under <results_dir>/leaderboards/<suite>/ and the index "
+                                    "<results_dir>/README.md; print the Markdown table.")
     lb.add_argument("overrides", nargs="*", metavar="key=value", help="suite=NAME (and results_dir=...)")
+    lb.add_argument("--all", action="store_true", help="every suite with records under <results_dir>/runs/")
+    lb.add_argument("--no-figures", action="store_true", help="tables and index only (faster)")
     lb.set_defaults(func=cmd_leaderboard)
     return p
 

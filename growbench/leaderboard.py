@@ -1,78 +1,175 @@
-"""A first leaderboard: one row per (dataset, method) from the records of a suite's current plan.
+"""Leaderboards: per (dataset, method) tables in Markdown, CSV and LaTeX, figures, and the results index.
 
-Only records whose config hash matches the suite as configured now are used, so editing a suite never
-mixes old and new protocols; cells without a record are counted as missing and named.
+`growbench leaderboard suite=NAME` writes `<results_dir>/leaderboards/<suite>.{md,csv,tex}` and the
+figures under `<results_dir>/leaderboards/<suite>/`, rebuilds `<results_dir>/README.md`, and prints the
+Markdown. Everything is a deterministic function of the records whose config hash matches the suite's
+current plan: rerunning on the same records gives byte-identical tables. The statistics and the
+win-rate rule are in `growbench.report.stats`; the text under each table says how to read it.
 """
 from __future__ import annotations
 
-import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
 
-from growbench.config import Suite
-from growbench.records import scan
-from growbench.runner import plan
+import pandas as pd
 
-
-def _mean_std(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    m = statistics.fmean(xs)
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{m:.4f} ± {s:.4f}"
+from growbench.config import ConfigError, Suite, load_suite
+from growbench.report.collect import Board, collect
+from growbench.report.tables import READING, csv, latex, markdown, summarize
 
 
-def table(suite: Suite) -> tuple[list[dict], list[str]]:
-    """Rows of the leaderboard and notes (missing cells, stale or unreadable files)."""
-    cells = plan(suite)
-    records, problems = scan(suite.results_dir, suite.name)
-    by_hash = {r["config_hash"]: r for r in records}
-    expected = {c.hash for c in cells}
-    stale = [r for r in records if r["config_hash"] not in expected]
-    notes = list(problems)
-    if stale:
-        notes.append(f"{len(stale)} record(s) of suite {suite.name} belong to another configuration and are not shown")
-    rows = []
-    for dataset in suite.dataset.names:
-        for method in suite.methods:
-            group = [c for c in cells if c.dataset == dataset and c.method.name == method]
-            recs = [by_hash[c.hash] for c in group if c.hash in by_hash]
-            ok = [r for r in recs if r["status"] == "ok"]
-            missing = [f"seed{c.seed}" for c in group if c.hash not in by_hash]
-            if missing:
-                notes.append(f"{dataset}/{method}: missing {', '.join(missing)}")
-            failed = [r for r in recs if r["status"] == "failed"]
-            for r in failed:
-                notes.append(f"{dataset}/{method}/seed{r['seed']}: failed ({r['failure']['message']})")
-            fin = [r["final"] for r in ok]
-            classification = bool(ok) and fin[0]["test_acc"] is not None
-            rows.append({
-                "dataset": dataset, "method": method,
-                "cells": f"{len(ok)}/{len(group)}" + (f" ({len(failed)} failed)" if failed else ""),
-                "metric": "test acc" if classification or not ok else "test loss",
-                "value": _mean_std([f["test_acc"] if classification else f["test_loss"] for f in fin]),
-                "params": f"{statistics.fmean([f['params'] for f in fin]):,.0f}" if fin else "-",
-                "train s": f"{statistics.fmean([f['wall_train'] for f in fin]):.1f}" if fin else "-",
-                "growth s": f"{statistics.fmean([f['wall_growth'] for f in fin]):.2f}" if fin else "-",
-            })
-    return rows, notes
+@dataclass
+class Leaderboard:
+    board: Board
+    summaries: dict[str, pd.DataFrame]  # dataset -> one row per method, best first
+
+    @property
+    def suite(self) -> Suite:
+        return self.board.suite
 
 
-def render(rows: list[dict]) -> str:
-    if not rows:
-        return "(no cells)"
-    cols = list(rows[0])
-    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    line = lambda vals: "  ".join(str(v).ljust(width[c]) for c, v in zip(cols, vals))  # noqa: E731
-    out = [line(cols), line("-" * width[c] for c in cols)]
-    out += [line(r[c] for c in cols) for r in rows]
-    return "\n".join(out)
+def build(suite: Suite, overrides: list[str] | None = None) -> Leaderboard:
+    board = collect(suite, overrides)
+    return Leaderboard(board, {d: summarize(board, d) for d in board.datasets})
 
 
-def print_leaderboard(suite: Suite, out) -> None:
-    rows, notes = table(suite)
-    print(f"leaderboard of suite {suite.name} (mean ± std over seeds; times in seconds)", file=out)
-    print(render(rows), file=out)
-    for n in notes:
-        print(f"note: {n}", file=out)
+def _protocol(s: Suite) -> str:
+    b, o, g, m = s.budget, s.optimizer, s.growth, s.model
+    caps = f" → cap {m.max_hidden}" if m.max_hidden else ""
+    stop = f" to {g.stop_epoch:g}" if g.stop_epoch is not None else ""
+    return (f"{m.family} from {m.hidden}{caps}; {b.epochs:g} epochs, batch {b.batch_size}, {o.name} lr {o.lr:g}, "
+            f"{s.schedule.name} schedule; shared growth schedule every {g.every_epochs:g} epochs from "
+            f"{g.start_epoch:g}{stop}; seeds {', '.join(map(str, s.seeds))}")
 
 
-__all__ = ["table", "render", "print_leaderboard"]
+def _metric_title(board: Board, dataset: str) -> str:
+    if board.higher(dataset):
+        return "final test accuracy (%), higher is better"
+    return "final test loss (MSE), lower is better"
+
+
+def render_markdown(lb: Leaderboard) -> str:
+    board, s = lb.board, lb.suite
+    cells = board.cells
+    n_ok, n_failed = int((cells["status"] == "ok").sum()), int((cells["status"] == "failed").sum())
+    out = [f"# Leaderboard: {s.name}", ""]
+    if s.description:
+        out += [s.description.strip(), ""]
+    out += [
+        f"Generated by `growbench leaderboard` from the records under `runs/{s.name}/` whose config hash matches "
+        "the suite as configured now; do not edit, rerun the command.", "",
+        f"- cells: {n_ok} ok, {n_failed} failed, {len(cells) - n_ok - n_failed} missing of {len(cells)} expected",
+        f"- protocol: {_protocol(s)}",
+        f"- methods: {', '.join(s.methods)}",
+    ]
+    if board.overrides:
+        out.append(f"- overrides: `{' '.join(board.overrides)}`")
+    for key, label in (("hardware", "hardware"), ("torch", "torch"), ("growbench", "growbench"),
+                       ("python", "python")):
+        vals = board.env.get(key) or []
+        if vals:
+            out.append(f"- {label}: {'; '.join(vals)}")
+    for d in board.datasets:
+        out += ["", f"## {d}: {_metric_title(board, d)}", "", markdown(lb.summaries[d], board.higher(d))]
+    out += ["", READING]
+    if board.notes:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in board.notes]
+    return "\n".join(out) + "\n"
+
+
+def render_latex(lb: Leaderboard) -> str:
+    board, s = lb.board, lb.suite
+    out = [f"% Leaderboard of suite {s.name}, generated by `growbench leaderboard`; do not edit.",
+           r"% Needs \usepackage{booktabs}."]
+    for d in board.datasets:
+        df = lb.summaries[d]
+        if df.empty:
+            continue
+        caption = f"{s.name} / {d}: {_metric_title(board, d)}; mean ± std over seeds {', '.join(map(str, s.seeds))}."
+        label = f"tab:{s.name}-{d}".replace("_", "-")
+        out += ["", latex(df, board.higher(d), caption, label)]
+    return "\n".join(out) + "\n"
+
+
+def _clean_figures(folder: Path, keep: set[Path]) -> None:
+    """Remove figures of datasets or kinds this leaderboard no longer makes (only our own file types)."""
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.suffix in (".png", ".pdf") and p not in keep:
+                p.unlink()
+
+
+def write(suite: Suite, overrides: list[str] | None = None, figures: bool = True) -> tuple[str, list[Path]]:
+    """Write the tables (and figures) of one suite and the results index; return the Markdown and the files."""
+    from growbench.report.index import write_index
+
+    lb = build(suite, overrides)
+    root = Path(suite.results_dir) / "leaderboards"
+    root.mkdir(parents=True, exist_ok=True)
+    md = render_markdown(lb)
+    files = []
+    for ext, text in (("md", md), ("csv", csv(list(lb.summaries.values()))), ("tex", render_latex(lb))):
+        path = root / f"{suite.name}.{ext}"
+        path.write_text(text)
+        files.append(path)
+    if figures:
+        from growbench.report.plots import figures as make_figures
+
+        fig_dir = root / suite.name
+        written = []
+        for d in lb.board.datasets:
+            order = lb.summaries[d]["method"].tolist() if not lb.summaries[d].empty else []
+            written += make_figures(lb.board, d, order, fig_dir)
+        _clean_figures(fig_dir, set(written))
+        files += written
+    files.append(write_index(suite.results_dir))
+    return md, files
+
+
+def _config_overrides(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith(("results_dir=", "suite="))]
+
+
+def print_leaderboard(suite: Suite, out: TextIO = sys.stdout, overrides: list[str] | None = None,
+                      figures: bool = True) -> list[Path]:
+    md, files = write(suite, _config_overrides(overrides or []), figures)
+    print(md, file=out, end="")
+    n_fig = sum(1 for f in files if f.suffix == ".png")
+    print(f"\nwrote {Path(suite.results_dir) / 'leaderboards' / suite.name}.{{md,csv,tex}}"
+          + (f", {n_fig} figures (PNG + PDF) in {Path(suite.results_dir) / 'leaderboards' / suite.name}/"
+             if n_fig else "") + f" and {Path(suite.results_dir) / 'README.md'}", file=out)
+    return files
+
+
+def suites_with_records(results_dir: str | Path) -> list[str]:
+    runs = Path(results_dir) / "runs"
+    return sorted(p.name for p in runs.iterdir() if p.is_dir() and any(p.rglob("*.json"))) if runs.is_dir() else []
+
+
+def write_all(results_dir: str | Path, overrides: list[str] | None = None, figures: bool = True,
+              out: TextIO = sys.stdout) -> list[Path]:
+    """Every suite with records under <results_dir>/runs/: tables, figures, then the index."""
+    from growbench.report.index import write_index
+
+    files: list[Path] = []
+    cfg = _config_overrides(overrides or [])
+    for name in suites_with_records(results_dir):
+        try:
+            suite = load_suite(name, [*cfg, f"results_dir={results_dir}"])
+        except ConfigError as e:
+            print(f"note: skipped runs/{name}/: {e}", file=out)
+            continue
+        md, written = write(suite, cfg, figures)
+        n_fig = sum(1 for f in written if f.suffix == ".png")
+        ok = md.split("- cells: ", 1)[1].split("\n", 1)[0]
+        print(f"{name}: {ok}; wrote leaderboards/{name}.{{md,csv,tex}}" + (f" and {n_fig} figures" if n_fig else ""),
+              file=out)
+        files += written
+    files.append(write_index(results_dir))
+    print(f"index: {Path(results_dir) / 'README.md'}", file=out)
+    return files
+
+
+__all__ = ["build", "render_markdown", "render_latex", "write", "write_all", "print_leaderboard", "Leaderboard"]
