@@ -88,6 +88,12 @@ def conv_weight_grad(image: Tensor, grad_out: Tensor, conv: nn.Conv2d) -> Tensor
     return w.transpose(0, 1).reshape(a, c2 * kh * kw)
 
 
+def position_gram(a: Tensor, b: Tensor) -> Tensor:
+    """sum over examples n and positions l of a[n, :, l] b[n, :, l]^T.  a (n, D, L), b (n, E, L) -> (D, E).
+    One GEMM on (D, n*L) matrices: about 3x faster than einsum's batched path on CPU."""
+    return a.transpose(0, 1).reshape(a.shape[1], -1) @ b.transpose(0, 1).reshape(b.shape[1], -1).T
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -141,14 +147,14 @@ class LayerStatistics:
         u2 = unfold_input(b1, out)  # (n, D2, L2)
         g2 = g.flatten(2)  # (n, C2, L2)
         counts = read_counts(h1, w1, out, x.device, x.dtype)  # (L1,)
-        self._add("s", torch.einsum("ndl,nel->de", u2, u2))  # (D2, D2)
-        self._add("m", torch.einsum("ndl,ncl->dc", u2, g2))  # (D2, C2)
-        self._add("s2", torch.einsum("ndl,nel->de", u1 * counts, u1))  # (D1, D1)
+        self._add("s", position_gram(u2, u2))  # (D2, D2)
+        self._add("m", position_gram(u2, g2))  # (D2, C2)
+        self._add("s2", position_gram(u1 * counts, u1))  # (D1, D1)
         image = u1.reshape(n, -1, h1, w1)  # (n, D1, H1, W1): U1 seen as a D1-channel image
         self._add("m2", conv_weight_grad(image, g, out))  # (D1, C2*E)
         if self.keep_c:
             patches = F.unfold(image, out.kernel_size, dilation=out.dilation, padding=out.padding, stride=out.stride)
-            self._add("c", torch.einsum("nal,nbl->ab", patches, u2))  # (D1*E, D2), row a*E + e
+            self._add("c", position_gram(patches, u2))  # (D1*E, D2), row a*E + e
         self.n += n
 
     # -- pass 2 (conv only)
