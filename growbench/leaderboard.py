@@ -132,8 +132,9 @@ def _config_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.startswith(("results_dir=", "suite="))]
 
 
-def print_leaderboard(suite: Suite, out: TextIO = sys.stdout, overrides: list[str] | None = None,
+def print_leaderboard(suite: Suite, out: TextIO | None = None, overrides: list[str] | None = None,
                       figures: bool = True) -> list[Path]:
+    out = out or sys.stdout
     md, files = write(suite, _config_overrides(overrides or []), figures)
     print(md, file=out, end="")
     n_fig = sum(1 for f in files if f.suffix == ".png")
@@ -149,8 +150,9 @@ def suites_with_records(results_dir: str | Path) -> list[str]:
 
 
 def write_all(results_dir: str | Path, overrides: list[str] | None = None, figures: bool = True,
-              out: TextIO = sys.stdout) -> list[Path]:
+              out: TextIO | None = None) -> list[Path]:
     """Every suite with records under <results_dir>/runs/: tables, figures, then the index."""
+    out = out or sys.stdout
     from growbench.report.index import write_index
 
     files: list[Path] = []

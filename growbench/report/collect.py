@@ -80,7 +80,7 @@ def collect(suite: Suite, overrides: list[str] | None = None) -> Board:
         row["status"] = rec["status"]
         if rec["status"] != "ok":
             f = rec.get("failure") or {}
-            row["failure"] = f"{f.get('reason', 'failed')}: {f.get('message', '')}".strip()
+            row["failure"] = " ".join(f"{f.get('reason', 'failed')}: {f.get('message', '')}".split())  # one line
             rows.append(row)
             continue
         fin = rec["final"]

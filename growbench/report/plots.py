@@ -16,9 +16,9 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, PercentFormatter
+from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from growbench.report.collect import Board, is_fixed
+from growbench.report.collect import Board
 from growbench.report.stats import pareto_front
 
 WIDTH_IN = 3.4
@@ -68,6 +68,31 @@ def _si(x: float, _pos: object = None) -> str:
     return f"{x:g}"
 
 
+def _plain(x: float, _pos: object = None) -> str:
+    """0.1, 1, 10, 1,000 rather than 10^-1 on log axes."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:g}"
+
+
+class _LogLabels(LogFormatter):
+    """Matplotlib's choice of which log ticks to label (minor ones too on short ranges), in plain
+    numbers (0.3, 1k) rather than 3 x 10^-1."""
+
+    def __init__(self, fmt) -> None:
+        super().__init__(labelOnlyBase=False)
+        self.fmt = fmt
+
+    def __call__(self, x: float, pos: object = None) -> str:
+        return self.fmt(x) if super().__call__(x, pos) else ""
+
+
+def _log(ax, which: str, fmt=None) -> None:
+    """Put the x or y axis of `ax` on a log scale with plain labels."""
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_formatter(_LogLabels(fmt or _plain))
+    axis.set_minor_formatter(_LogLabels(fmt or _plain))
+
+
 def _new_figure(height: float = 2.4) -> tuple[Figure, object]:
     fig = Figure(figsize=(WIDTH_IN, height), layout="constrained")
     return fig, fig.add_subplot()
@@ -79,8 +104,12 @@ def _legend(fig: Figure, handles: list, ncols: int = 3) -> None:
                    handlelength=2.0, columnspacing=1.0, borderaxespad=0.2)
 
 
-def _handle(name: str, fixed: bool, label: str | None = None) -> Line2D:
-    return Line2D([], [], markersize=3.5, label=label or name, **_style(name, fixed))
+def _handle(name: str, fixed: bool, marker: bool) -> Line2D:
+    """A legend entry: marker only for scatter plots, line only for curves."""
+    st = _style(name, fixed)
+    if marker:
+        return Line2D([], [], color=st["color"], marker=st["marker"], markersize=4, linestyle="none", label=name)
+    return Line2D([], [], color=st["color"], linestyle=st["linestyle"], label=name)
 
 
 def save(fig: Figure, stem: Path) -> list[Path]:
@@ -115,7 +144,7 @@ class Plotter:
 
     def _ylog(self, ax, values: np.ndarray) -> None:
         if not self.higher and _wide(values):
-            ax.set_yscale("log")
+            _log(ax, "y")
 
     def metric_vs_params(self) -> Figure:
         fig, ax = _new_figure(2.5)
@@ -129,11 +158,12 @@ class Plotter:
             ax.errorbar(g["params"].mean(), y.mean(), yerr=y.std(ddof=1) if len(y) > 1 else None,
                         color=st["color"], marker=st["marker"], markersize=5, markeredgecolor="white",
                         markeredgewidth=0.5, capsize=2, elinewidth=0.8, linestyle="none", zorder=4)
-            handles.append(_handle(m, self.fixed[m]))
+            handles.append(_handle(m, self.fixed[m], marker=True))
         if _wide(self.cells["params"]):
-            ax.set_xscale("log")
+            _log(ax, "x", _si)
+        else:
+            ax.xaxis.set_major_formatter(FuncFormatter(_si))
         self._ylog(ax, self._y(self.cells["metric"]))
-        ax.xaxis.set_major_formatter(FuncFormatter(_si))
         fixed_means = [(g["params"].mean(), float(self._y(g["metric"]).mean()))
                        for m, g in self.cells.groupby("method", sort=False) if self.fixed[m]]
         front = pareto_front(fixed_means, self.higher)
@@ -160,9 +190,9 @@ class Plotter:
         handles, all_y = [], []
         for m in self.methods:
             g = self.curves[self.curves["method"] == m]
-            if log_x:
+            if log_x:  # start where every seed has a point, so the mean never mixes subsets of seeds
                 g = g[g["epoch"] > 0]
-                grid = np.geomspace(g[axis].min(), g[axis].max(), 200)
+                grid = np.geomspace(g.groupby("seed")[axis].min().max(), g[axis].max(), 200)
             else:
                 grid = np.linspace(0.0, g[axis].max(), 200)
             ys = []
@@ -178,13 +208,15 @@ class Plotter:
             ax.fill_between(grid[ok], lo, hi, color=st["color"], alpha=0.18, linewidth=0)
             ax.plot(grid[ok], mean, color=st["color"], linestyle=st["linestyle"])
             all_y.append(mean)
-            handles.append(Line2D([], [], color=st["color"], linestyle=st["linestyle"], label=m))
+            handles.append(_handle(m, self.fixed[m], marker=False))
+        fmt = _si if axis == "flops" else _plain
         if log_x:
-            ax.set_xscale("log")
+            _log(ax, "x", fmt)
+        else:
+            ax.xaxis.set_major_formatter(FuncFormatter(fmt))
         if all_y:
             self._ylog(ax, np.concatenate(all_y))
         if axis == "flops":
-            ax.xaxis.set_major_formatter(FuncFormatter(_si))
             ax.set_xlabel("training FLOPs (train + growth)")
         else:
             ax.set_xlabel("training wall-clock (s, train + growth)")
@@ -211,13 +243,14 @@ class Plotter:
             st = _style(m, self.fixed[m])
             ax.step(grid, mean, where="post", color=st["color"], linestyle=st["linestyle"])
             all_p.append(mean)
-            handles.append(Line2D([], [], color=st["color"], linestyle=st["linestyle"], label=m))
+            handles.append(_handle(m, self.fixed[m], marker=False))
         if all_p and _wide(np.concatenate(all_p)):
-            ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(_si))
+            _log(ax, "y", _si)
+        else:
+            ax.yaxis.set_major_formatter(FuncFormatter(_si))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("parameters (mean over seeds)")
-        ax.set_title(self.title)
+        ax.set_ylabel("parameters")
+        ax.set_title(self.title + " (mean over seeds)")
         _legend(fig, handles)
         return fig
 
@@ -238,9 +271,9 @@ class Plotter:
         ax.set_ylim(n - 0.5, -0.5)
         ax.set_xlim(0, None)
         ax.margins(x=0.18)
-        ax.xaxis.set_major_formatter(PercentFormatter(decimals=None))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
         ax.grid(axis="y", visible=False)
-        ax.set_xlabel("growth share of wall-clock (train + growth + search)")
+        ax.set_xlabel("growth share of total wall-clock (%)")
         ax.set_title(self.title)
         return fig
 
@@ -262,4 +295,4 @@ def figures(board: Board, dataset: str, order: list[str], out_dir: Path) -> list
     return written
 
 
-__all__ = ["method_color", "figures", "FIGURES", "METHOD_COLORS", "is_fixed"]
+__all__ = ["method_color", "figures", "FIGURES", "METHOD_COLORS"]

@@ -92,10 +92,19 @@ def _sig(x: float, digits: int) -> str:
     return f"{x:.{decimals}f}"
 
 
-def _metric_fmt(higher: bool) -> Callable[[float], str]:
-    if higher:  # accuracy in percent, two decimals
-        return lambda v: "–" if not np.isfinite(v) else f"{100 * v:.2f}"
-    return lambda v: "–" if not np.isfinite(v) else _sig(v, 4)
+def _metric_fmt(higher: bool) -> Callable[..., str]:
+    """Accuracy in percent with two decimals; a loss with four significant digits of `ref` (the row's
+    mean), so its std and interval print with the same decimals as the mean."""
+    def fmt(v: float, ref: float | None = None) -> str:
+        if not np.isfinite(v):
+            return "–"
+        if higher:
+            return f"{100 * v:.2f}"
+        ref = v if ref is None or not np.isfinite(ref) or ref == 0 else ref
+        if abs(ref) < 1e-3:
+            return f"{v:.3e}"
+        return f"{v:.{max(0, 3 - int(math.floor(math.log10(abs(ref)))))}f}"
+    return fmt
 
 
 @dataclass(frozen=True)
@@ -116,11 +125,15 @@ def columns(df: pd.DataFrame, higher: bool) -> list[Column]:
     def value(r: pd.Series) -> str:
         if not np.isfinite(r["metric_mean"]):
             return "–"
-        return m(r["metric_mean"]) + (f" ± {m(r['metric_std'])}" if np.isfinite(r["metric_std"]) else "")
+        mean = r["metric_mean"]
+        return m(mean) + (f" ± {m(r['metric_std'], mean)}" if np.isfinite(r["metric_std"]) else "")
 
     def cells(r: pd.Series) -> str:
-        s = f"{r['cells_ok']}/{r['cells_expected']}"
-        return s + (f" ({r['cells_failed']} failed)" if r["cells_failed"] else "")
+        extra = [f"{r['cells_failed']} failed"] if r["cells_failed"] else []
+        missing = [m for m in r["missing"].split(";") if m]
+        if missing:
+            extra.append(f"missing {', '.join(missing)}" if len(missing) <= 2 else f"{len(missing)} missing")
+        return f"{r['cells_ok']}/{r['cells_expected']}" + (f" ({'; '.join(extra)})" if extra else "")
 
     def wins(r: pd.Series) -> str:
         if r["is_fixed"] or not np.isfinite(r["win_seeds"]) or not r["win_seeds"]:
@@ -133,7 +146,8 @@ def columns(df: pd.DataFrame, higher: bool) -> list[Column]:
         Column("cells", "cells", "cells", cells),
         Column("metric", metric[0], metric[1], value, "max" if higher else "min", "metric_mean",
                lambda r: m(r["metric_mean"])),
-        Column("ci", "95% CI", r"95\% CI", lambda r: f"[{m(r['ci_low'])}, {m(r['ci_high'])}]"
+        Column("ci", "95% CI", r"95\% CI", lambda r: f"[{m(r['ci_low'], r['metric_mean'])}, "
+                                                     f"{m(r['ci_high'], r['metric_mean'])}]"
                if np.isfinite(r["ci_low"]) else "–"),
         Column("avg_rank", "avg rank", "avg rank", lambda r: f"{r['avg_rank']:.2f}" if np.isfinite(r["avg_rank"])
                else "–", "min"),
@@ -185,6 +199,7 @@ def markdown(df: pd.DataFrame, higher: bool) -> str:
     if df.empty:
         return "(no cells)"
     cols, texts, bold = formatted(df, higher)
+    texts = [[t.replace("|", r"\|") for t in row] for row in texts]
     cells = [[f"**{t}**" if b else t for t, b in zip(row, brow)] for row, brow in zip(texts, bold)]
     heads = [c.md for c in cols]
     width = [max(len(h), *(len(r[j]) for r in cells)) for j, h in enumerate(heads)]
@@ -198,15 +213,15 @@ def markdown(df: pd.DataFrame, higher: bool) -> str:
 
 
 TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"$<$",
+               ">": r"$>$", "±": r"$\pm$", "–": "--", "→": r"$\to$"}
 
 
 def tex_escape(s: str) -> str:
     return "".join(TEX_ESCAPES.get(ch, ch) for ch in s)
 
 
-def _tex_cell(t: str) -> str:
-    return tex_escape(t).replace(" ± ", r" $\pm$ ").replace("–", "--")
+
 
 
 def latex(df: pd.DataFrame, higher: bool, caption: str, label: str) -> str:
@@ -217,7 +232,7 @@ def latex(df: pd.DataFrame, higher: bool, caption: str, label: str) -> str:
            rf"\label{{{label}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
            " & ".join(c.tex for c in cols) + r" \\", r"\midrule"]
     for row, brow in zip(texts, bold):
-        out.append(" & ".join(rf"\textbf{{{_tex_cell(t)}}}" if b else _tex_cell(t) for t, b in zip(row, brow))
+        out.append(" & ".join(rf"\textbf{{{tex_escape(t)}}}" if b else tex_escape(t) for t, b in zip(row, brow))
                    + r" \\")
     out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(out)
