@@ -1,12 +1,14 @@
 """`splitting` and `splitting-fast`: splitting steepest descent (S2D, Liu, Wu & Wang, NeurIPS 2019) and its
-fast variant (Wang et al. 2019, "energy-aware" splitting). Spec: docs/methods/splitting.md.
+fast variant (Wang et al. 2019, "energy-aware" splitting). Team spec: shared/docs/methods/splitting.md;
+what we implement and where we deviate: docs/methods/splitting.md.
 
 One growth step:
   1. statistics pass (BatchNorm in eval mode) over a few thousand training examples: for every hidden
      layer with room, its input x and the per-row factor w = g σ''(a) c² (see `splitting_math`);
   2. per unit, the minimum eigenpair (λ_i, v_i) of its splitting matrix S_i:
        `splitting`      forms every S_i (d × d) and takes a dense eigendecomposition;
-       `splitting-fast` never forms S_i: RMSprop on the Rayleigh quotient using S_i·v products only;
+       `splitting-fast` never forms S_i: gradient steps on each Rayleigh quotient using S_i·v products
+                        only (optimal step + momentum by default, the spec's RMSprop as an option);
   3. the units with the most negative λ (a fraction of all splittable units, never λ ≥ 0) are each
      replaced by two copies at θ_i ± ε v_i with half the out-weights (`split_unit`), deepest layer
      first so a layer's direction always matches its current fan-in;
@@ -23,8 +25,9 @@ import torch
 from torch import Tensor
 
 from growbench.methods.base import GrowthEvent, GrowthMethod
-from growbench.methods.splitting_math import (RMSprop, activation_d2, bn_scale, min_eigenpairs, patches, rayleigh,
-                                              row_weights, rows, splitting_matrices, splitting_products, _fix_sign)
+from growbench.methods.splitting_math import (RMSprop, _fix_sign, activation_d2, bn_scale, lobpcg_min_eig,
+                                              min_eigenpairs, patches, rayleigh, row_weights, rows,
+                                              splitting_matrices, splitting_products)
 
 if TYPE_CHECKING:
     from growbench.models import GrowableNet, Hidden
@@ -70,16 +73,20 @@ class SplittingExactSettings(SplittingSettings):
 @dataclass
 class SplittingFastSettings(SplittingSettings):
     _method: ClassVar[str] = "splitting-fast"
-    epochs: int = 10  # RMSprop passes over the statistics batches (spec, Firefly `spf`: 10)
-    lr: float = 1e-3  # RMSprop learning rate (spec: 1e-3; alpha 0.9 and momentum 0.1 are fixed)
+    solver: str = "lobpcg"  # lobpcg: Rayleigh-quotient steps with optimal step + momentum | rmsprop (spec's optimiser)
+    passes: int = 20  # passes over the statistics set; lobpcg: one iteration each; rmsprop: one step per batch
+    lr: float = 1e-3  # rmsprop only (spec: 1e-3; alpha 0.9 and momentum 0.1 are fixed)
     warm_start: bool = True  # start each unit's v from its previous estimate (copies inherit the parent's)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.epochs < 0 or self.lr <= 0:
-            from growbench.config import ConfigError
+        from growbench.config import ConfigError
 
-            raise ConfigError(f"method_settings.{self._method}: epochs must be >= 0 and lr > 0")
+        if self.solver not in ("lobpcg", "rmsprop"):
+            raise ConfigError(f"method_settings.{self._method}.solver: unknown value {self.solver!r}; "
+                              "valid choices: lobpcg, rmsprop")
+        if self.passes < 0 or self.lr <= 0:
+            raise ConfigError(f"method_settings.{self._method}: passes must be >= 0 and lr > 0")
 
 
 # --------------------------------------------------------------------------- statistics
@@ -132,7 +139,8 @@ class _Recorder:
                 self.h[name] = (args[0], out)
 
     def clear(self) -> None:
-        self.x.clear(), self.pre.clear(), self.h.clear()
+        for d in (self.x, self.pre, self.h):
+            d.clear()
 
     def remove(self) -> None:
         for hd in self.handles:
@@ -205,20 +213,28 @@ def exact_min_eigen(h: "Hidden", xs: list[Tensor], ws: list[Tensor], max_floats:
 
 
 @torch.no_grad()
-def fast_min_eigen(h: "Hidden", xs: list[Tensor], ws: list[Tensor], V: Tensor, epochs: int,
-                   lr: float) -> tuple[Tensor, Tensor]:
-    """(λ (C,), v (C, d)) by RMSprop on each unit's Rayleigh quotient, one step per statistics batch (the
-    batch's S·v estimate), `epochs` passes, then λ = vᵀSv over the whole set. V: (C, d) start directions."""
+def fast_min_eigen(h: "Hidden", xs: list[Tensor], ws: list[Tensor], V: Tensor, passes: int,
+                   solver: str = "lobpcg", lr: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """(λ (C,), v (C, d)) from S·v products only; V: (C, d) start directions.
+
+    lobpcg: `passes` iterations, each one product over the whole statistics set (`lobpcg_min_eig`);
+    rmsprop (spec): one RMSprop step per batch on that batch's Rayleigh quotient, `passes` epochs.
+    Either way λ = vᵀSv over the whole set at the end."""
+    def product(V: Tensor) -> Tensor:  # (C, d) -> (S_i v_i)_i over the statistics set
+        out = torch.zeros_like(V)
+        for x, w in zip(xs, ws):
+            out += splitting_products(h.inp, x, w, V)
+        return out
+
+    if solver == "lobpcg":
+        return lobpcg_min_eig(product, V, passes)
     V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
     opt = RMSprop(V, lr)
-    for _ in range(epochs):
+    for _ in range(passes):
         for x, w in zip(xs, ws):
             _, grad = rayleigh(V, splitting_products(h.inp, x, w, V))
             V = opt.step(V, grad)
-    SV = torch.zeros_like(V)
-    for x, w in zip(xs, ws):
-        SV += splitting_products(h.inp, x, w, V)
-    lam, _ = rayleigh(V, SV)
+    lam, _ = rayleigh(V, product(V))
     return lam, V
 
 
@@ -230,12 +246,13 @@ def select_units(lams: dict[str, Tensor], room: dict[str, int], fraction: float,
     global (spec): k = max(1, floor(fraction · N)) over all N splittable units, ranked together;
     layer: max(1, floor(fraction · width)) per layer. Each layer takes at most min(room, max_per_layer);
     a unit passed over for a full layer leaves its place to the next candidate."""
+    lams = {name: lam.detach().cpu() for name, lam in lams.items()}
     cap = {name: min(room[name], max_per_layer or room[name]) for name in lams}
     if scope == "layer":
         out = {}
         for name, lam in lams.items():
             k = min(cap[name], max(1, int(fraction * len(lam) + 1e-9)))
-            order = torch.argsort(lam.cpu(), stable=True)
+            order = torch.argsort(lam, stable=True)
             out[name] = [int(i) for i in order[:k] if lam[i] < 0]
         return {n: v for n, v in out.items() if v}
     N = sum(len(lam) for lam in lams.values())
@@ -315,8 +332,9 @@ class Splitting(_SplittingBase):
 
 
 class SplittingFast(_SplittingBase):
-    """Fast splitting: minimum eigenpairs from S_i·v products only (no d × d matrix), RMSprop on the
-    Rayleigh quotient; memory O(C·d) per layer, cost a few layer-sized products per statistics batch."""
+    """Fast splitting: minimum eigenpairs from S_i·v products only (no d × d matrix): gradient steps on each
+    unit's Rayleigh quotient. Memory O(C·d) per layer; each pass costs about one forward and one backward
+    of that layer alone over the statistics set."""
 
     name: ClassVar[str] = "splitting-fast"
     variant: ClassVar[str] = "fast"
@@ -333,6 +351,7 @@ class SplittingFast(_SplittingBase):
         V = torch.randn(C, d, generator=ctx.generator).to(W)
         old = self._v.get(h.name) if self.settings.warm_start else None
         if old is not None and old.shape[0] == C and old.shape[1] <= d:
+            old = old.to(W)  # a checkpoint may have brought it back on another device
             if isinstance(h.inp, torch.nn.Conv2d):  # channel-major: pad whole input channels
                 k = W[0, 0].numel()
                 V = torch.zeros(C, W.shape[1], k).to(W)
@@ -344,7 +363,7 @@ class SplittingFast(_SplittingBase):
 
     def _min_eigen(self, h, xs, ws, ctx):
         s = self.settings
-        lam, V = fast_min_eigen(h, xs, ws, self._start(h, ctx), s.epochs, s.lr)
+        lam, V = fast_min_eigen(h, xs, ws, self._start(h, ctx), s.passes, s.solver, s.lr)
         self._v[h.name] = V
         return lam, _fix_sign(V)
 

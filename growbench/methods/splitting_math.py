@@ -19,6 +19,7 @@ w_i = g_i σ''(a_i) c_i² is all a layer needs besides its input, so both varian
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,18 @@ def activation_d2(act: nn.Module, a: Tensor, relu_surrogate: str = "softplus", b
         return torch.where(a < 0, 1.0507009873554805 * 1.6732632423543772 * torch.exp(a), torch.zeros_like(a))
     if isinstance(act, nn.Identity):
         return torch.zeros_like(a)
-    raise ValueError(f"splitting: no second derivative for activation {type(act).__name__}")
+    return _autograd_d2(act, a)
+
+
+def _autograd_d2(act: nn.Module, a: Tensor) -> Tensor:
+    """σ''(a) by double backward, for any other element-wise activation (e.g. per-unit parametrised ones)."""
+    with torch.enable_grad():
+        a = a.detach().requires_grad_(True)
+        (d1,) = torch.autograd.grad(act(a).sum(), a, create_graph=True)
+        if not d1.requires_grad:  # piecewise linear: σ'' = 0 a.e.
+            return torch.zeros_like(a)
+        (d2,) = torch.autograd.grad(d1.sum(), a)
+    return d2.detach()
 
 
 def bn_scale(bn: nn.Module | None) -> Tensor | None:
@@ -170,3 +182,55 @@ class RMSprop:
         self.buf.mul_(self.momentum).add_(grad / (self.sq.sqrt() + self.eps))
         V = V - self.lr * self.buf
         return V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def lobpcg_min_eig(product: Callable[[Tensor], Tensor], V: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """Minimum eigenpair of every S_i from products only: gradient steps on the Rayleigh quotient whose step
+    (and momentum) are chosen optimally, i.e. Rayleigh–Ritz over span{v, ∇R(v), previous step} per unit
+    (single-vector LOBPCG, Knyazev 2001). Deterministic, no learning rate, R(v) never increases.
+
+    product: V (C, d) -> (S_i v_i)_i (C, d), one pass over the statistics set;  V: (C, d) start
+    -> (λ (C,), v (C, d) unit rows). One `product` call per iteration plus one for the final λ; the other
+    S-products follow by linearity.
+    """
+    V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    SV = product(V)
+    P = SP = None  # previous step direction and its product
+    for _ in range(iterations):
+        R = SV - (V * SV).sum(1, keepdim=True) * V  # ∝ ∇R(v), orthogonal to v
+        R, SR = _orthonormal(R, None, [V], [SV])
+        SR = product(R)
+        basis, sbasis = [V, R], [SV, SR]
+        if P is not None:
+            P, SP = _orthonormal(P, SP, [V, R], [SV, SR], tol=1e-3)  # SP by linearity: drop near-dependent P
+            basis.append(P)
+            sbasis.append(SP)
+        Q, SQ = torch.stack(basis, 2), torch.stack(sbasis, 2)  # (C, d, m), m = 2 or 3
+        A = Q.transpose(1, 2) @ SQ  # (C, m, m) = Qᵀ S Q
+        A = 0.5 * (A + A.transpose(1, 2))
+        empty = Q.norm(dim=1) < 0.5  # (C, m) columns that were zeroed (converged / no new direction)
+        big = 4 * A.abs().amax((1, 2), keepdim=True) + 1e-30
+        A = A + torch.diag_embed(empty.to(A)) * big  # an empty column decouples (zero row) -> push it up
+        y = torch.linalg.eigh(A)[1][:, :, :1]  # (C, m, 1) lowest Ritz vector
+        V, SV = (Q @ y)[:, :, 0], (SQ @ y)[:, :, 0]
+        P, SP = (Q[:, :, 1:] @ y[:, 1:])[:, :, 0], (SQ[:, :, 1:] @ y[:, 1:])[:, :, 0]
+        n = V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        V, SV, P, SP = V / n, SV / n, P / n, SP / n
+    SV = product(V)  # fresh product: no drift from the linear recurrences in λ
+    return (V * SV).sum(1), V
+
+
+def _orthonormal(X: Tensor, SX: Tensor | None, against: list[Tensor], s_against: list[Tensor],
+                 tol: float = 1e-6) -> tuple[Tensor, Tensor | None]:
+    """Rows of X made orthogonal to the (unit, mutually orthogonal) rows in `against`, then unit length;
+    rows that lose all but `tol` of their norm become 0. SX (if given) is transformed alike (stays S·X)."""
+    scale = X.norm(dim=1, keepdim=True)
+    for B, SB in zip(against, s_against):
+        c = (B * X).sum(1, keepdim=True)
+        X = X - c * B
+        if SX is not None:
+            SX = SX - c * SB
+    n = X.norm(dim=1, keepdim=True)
+    keep = n > tol * scale.clamp_min(1e-30)
+    inv = torch.where(keep, 1 / n.clamp_min(1e-30), torch.zeros_like(n))
+    return X * inv, None if SX is None else SX * inv
