@@ -89,7 +89,7 @@ def write_record(path: Path, rec: dict) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".json", dir=path.parent)
     except OSError as e:
         raise RecordWriteError(f"cannot write {path}: {e.strerror or e}; free space or fix permissions, "
                                "then rerun (finished cells are kept)") from None
@@ -114,6 +114,22 @@ def write_record(path: Path, rec: dict) -> None:
             raise
         raise RecordWriteError(f"cannot write {path}: {e.strerror or e}; free space or fix permissions, "
                                "then rerun (finished cells are kept)") from None
+
+
+def temp_prefix(path: Path) -> str:
+    """Temporary files of an atomic write of `path` are named .tmp-<stem>-*: scans skip them, and the
+    process holding the cell's lock may delete them (they were left by a process killed mid-write)."""
+    return f".tmp-{Path(path).stem}-"
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    path = Path(path)
+    if path.parent.is_dir():
+        for p in path.parent.glob(temp_prefix(path) + "*"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
 
 def _json_default(o: object) -> object:

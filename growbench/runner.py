@@ -1,7 +1,10 @@
 """Plan a suite into cells (dataset x method x seed), run the missing ones, record each one.
 
 A cell that diverges or whose method raises is recorded as failed with its reason and the suite
-goes on; a cell that is killed leaves no record and runs again next time; finished cells are skipped.
+goes on; a cell that is killed leaves no record and runs again next time, from its last checkpoint;
+finished cells are skipped. `execute_cell` is the unit of work of every executor (in this process,
+local worker processes, SLURM jobs): it holds the cell's lock, runs it, writes its record atomically
+and removes its checkpoint.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,12 +21,14 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from growbench import checkpoint as ckpt
 from growbench.config import ConfigError, Suite, cell_config, config_hash
 from growbench.data import Dataset, DatasetError, load_dataset
 from growbench.methods import MethodSpec, PluginLoadError, resolve_method
-from growbench.models import build_model, count_flops
-from growbench.records import RecordError, environment, now, read_record, record_path, write_record
-from growbench.trainer import Diverged, derived_seed, train
+from growbench.models import build_model, count_flops, from_spec
+from growbench.records import (RecordError, RecordWriteError, environment, now, read_record, record_path,
+                               remove_stale_temp_files, write_record)
+from growbench.trainer import Diverged, ResumeError, derived_seed, train
 
 # Sizes used by --dry-run when a dataset's files are not at hand: (input shape, outputs, train, test).
 KNOWN_SIZES = {
@@ -44,6 +50,10 @@ class Cell:
     @property
     def label(self) -> str:
         return f"{self.dataset}/{self.method.name}/seed{self.seed}"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return ckpt.checkpoint_path(self.path)
 
     def status(self) -> str:
         """done | failed | pending | corrupt (an unreadable file where the record should be)."""
@@ -97,14 +107,51 @@ def _base_record(cell: Cell, data: Dataset, device: torch.device) -> dict:
     }
 
 
-def run_cell(cell: Cell, data: Dataset, device: torch.device, progress: Callable | None = None) -> dict:
-    """Train one cell and return its record (status ok, or failed with the reason)."""
-    rec = _base_record(cell, data, device)
-    try:
-        method = cell.method.instantiate()
+def run_cell(cell: Cell, data: Dataset, device: torch.device, progress: Callable | None = None,
+             checkpoint: bool | None = None) -> dict:
+    """Train one cell and return its record (status ok, or failed with the reason). With checkpoints
+    (default: the suite's `checkpoint`), its state is saved at every evaluation point and a saved state
+    of this cell is resumed from."""
+    return _run_cell(cell, data, device, progress, checkpoint)[0]
+
+
+def _train_cell(cell: Cell, data: Dataset, device: torch.device, progress, save, state):
+    method = cell.method.instantiate()
+    if state is None:
         torch.manual_seed(derived_seed(cell.seed, "init"))  # same initial weights for every method of a seed
         model = build_model(cell.suite.model, data.input_shape, data.num_outputs, cell.method.hidden)
-        result = train(model, method, data, cell.suite, cell.seed, device, progress)
+    else:
+        try:
+            model = from_spec(state["model"]["spec"])
+        except Exception as e:
+            raise ResumeError(f"cannot rebuild the network ({type(e).__name__}: {e})") from e
+    return train(model, method, data, cell.suite, cell.seed, device, progress, checkpoint=save, resume=state)
+
+
+def _run_cell(cell: Cell, data: Dataset, device: torch.device, progress: Callable | None = None,
+              checkpoint: bool | None = None) -> tuple[dict, int | None]:
+    """The record, and the step the cell resumed at (None: it started from scratch)."""
+    use_ckpt = cell.suite.checkpoint if checkpoint is None else checkpoint
+    path = cell.checkpoint_path
+    state = ckpt.load(path, cell.hash) if use_ckpt else None
+    rec = _base_record(cell, data, device)
+    if state is not None:
+        rec["started_at"] = state.get("started_at", rec["started_at"])
+    save = None
+    if use_ckpt:
+        def save(st: dict) -> None:
+            st.update(format=ckpt.FORMAT, config_hash=cell.hash, started_at=rec["started_at"])
+            ckpt.atomic_save(st, path)
+    resumed = None if state is None else state["step"]
+    try:
+        try:
+            result = _train_cell(cell, data, device, progress, save, state)
+        except ResumeError as e:
+            warnings.warn(f"{cell.label}: checkpoint {path} cannot be restored ({e}); the cell starts from scratch",
+                          stacklevel=2)
+            ckpt.remove(path)
+            resumed, rec["started_at"] = None, now()
+            result = _train_cell(cell, data, device, progress, save, None)
         rec.update(status="ok", failure=None, curve=result.curve, events=result.events, final=result.final,
                    architecture=result.architecture)
     except Diverged as e:
@@ -118,14 +165,85 @@ def run_cell(cell: Cell, data: Dataset, device: torch.device, progress: Callable
         rec.update(status="failed", curve=[], events=[], final={},
                    failure={"reason": "error", "message": f"{type(e).__name__}: {e}", "traceback": "".join(tb[-6:])})
     rec["finished_at"] = now()
-    return rec
+    return rec, resumed
 
 
-def _set_aside(path: Path) -> None:
-    """Keep a failed record when retrying it: results/.../attempts/<name>.<time>.json."""
-    dest = path.parent / "attempts" / f"{path.stem}.{int(time.time())}.json"
-    dest.parent.mkdir(exist_ok=True)
-    shutil.move(str(path), dest)
+def _set_aside(path: Path) -> Path:
+    """Keep a failed record when retrying it: a copy in results/.../attempts/<name>.<time>.json (the record
+    itself is replaced atomically by the new one, so a failed write loses nothing)."""
+    dest = path.parent / "attempts" / f"{path.stem}.{time.time_ns()}.json"
+    try:
+        dest.parent.mkdir(exist_ok=True)
+        shutil.copy2(path, dest)
+    except OSError as e:
+        raise RecordWriteError(f"cannot keep the failed record {path} under {dest.parent}: {e.strerror or e}; "
+                               "free space or fix permissions, then rerun (finished cells are kept)") from None
+    return dest
+
+
+def write_cell_record(cell: Cell, rec: dict) -> None:
+    """Write the record (keeping an earlier failed one under attempts/), then drop the cell's checkpoint."""
+    aside = _set_aside(cell.path) if cell.path.exists() and cell.suite.retry_failed else None
+    try:
+        write_record(cell.path, rec)
+    except RecordWriteError:
+        if aside is not None:
+            aside.unlink(missing_ok=True)
+        raise
+    ckpt.remove(cell.checkpoint_path)
+
+
+@dataclass
+class Outcome:
+    """What became of one cell handed to an executor."""
+
+    label: str
+    path: str
+    status: str  # ok | failed | skipped (recorded meanwhile) | busy (another process runs it) | lost | write_error
+    message: str
+    seconds: float = 0.0
+    resumed_at: int | None = None
+
+    def line(self) -> str:
+        if self.status in ("ok", "failed"):
+            resumed = f", resumed at step {self.resumed_at}" if self.resumed_at is not None else ""
+            return f"{self.label}: {self.message}, {self.seconds:.1f} s{resumed}"
+        return f"{self.label}: {self.message}"
+
+
+def describe(rec: dict) -> str:
+    final = rec["final"]
+    if rec["status"] == "failed":
+        return f"FAILED ({rec['failure']['reason']}: {rec['failure']['message']})"
+    if final["test_acc"] is not None:
+        return f"test acc {final['test_acc']:.4f}, {final['params']} params"
+    return f"test loss {final['test_loss']:.4g}, {final['params']} params"
+
+
+def execute_cell(cell: Cell, data: Dataset, device: torch.device, progress: Callable | None = None) -> Outcome:
+    """Run one cell under its lock, write its record and remove its checkpoint. Raises RecordWriteError
+    when the record (or the lock) cannot be written; everything else a cell does wrong is in its record."""
+    lock = ckpt.CellLock(cell.checkpoint_path.with_suffix(".lock"))
+    try:
+        held = lock.acquire()
+    except OSError as e:
+        raise RecordWriteError(f"cannot write {lock.path}: {e.strerror or e}; free space or fix permissions, "
+                               "then rerun (finished cells are kept)") from None
+    if not held:
+        return Outcome(cell.label, str(cell.path), "busy",
+                       f"skipped: another process is running it (it holds {lock.path})")
+    try:
+        st = cell.status()
+        if st in ("done", "corrupt") or (st == "failed" and not cell.suite.retry_failed):
+            return Outcome(cell.label, str(cell.path), "skipped", "skipped: recorded meanwhile by another process")
+        remove_stale_temp_files(cell.path)  # left by a process killed while writing this cell's files
+        remove_stale_temp_files(cell.checkpoint_path)
+        t0 = time.perf_counter()
+        rec, resumed = _run_cell(cell, data, device, progress)
+        write_cell_record(cell, rec)
+        return Outcome(cell.label, str(cell.path), rec["status"], describe(rec), time.perf_counter() - t0, resumed)
+    finally:
+        lock.release()
 
 
 def estimate(cells: list[Cell], device: torch.device) -> dict:
@@ -203,6 +321,8 @@ def dry_run(suite: Suite, out=None) -> list[Cell]:
           f"{len(pending)} to run on {device}", file=out)
     for c in cells:
         st = status[c.label]
+        if st == "pending" and suite.checkpoint and c.checkpoint_path.exists():
+            st = "partial"  # killed or preempted: resumes from its checkpoint
         e = est.get(c.label)
         cost = f"{e['steps']} steps, {_fmt_flops(e['train_flops'])}, ~{_fmt_time(e['seconds'])}" if e else ""
         print(f"  {st:8s} {c.label:40s} {cost}", file=out)
@@ -215,7 +335,11 @@ def dry_run(suite: Suite, out=None) -> list[Cell]:
 
 
 def run_suite(suite: Suite, out=None, show_progress: bool | None = None) -> dict:
-    """Run every missing cell. Datasets are loaded (and checked) before any training starts."""
+    """Run every missing cell with the suite's executor. Datasets are loaded (and checked) before
+    anything is written. Returns counts (ok, failed, skipped, busy, lost) and the records written;
+    raises RecordWriteError when a record cannot be written (disk full): records already written stay."""
+    from growbench.executors import make_executor
+
     out = out or sys.stdout
     cells = plan(suite)
     device = resolve_device(suite.device)
@@ -227,40 +351,39 @@ def run_suite(suite: Suite, out=None, show_progress: bool | None = None) -> dict
                   "Move it away to rerun the cell.", file=out)
         elif st == "pending" or (st == "failed" and suite.retry_failed):
             todo.append(c)
-    data = {name: load_data(suite, name).to(device) for name in suite.dataset.names
-            if any(c.dataset == name for c in todo)}
+        else:  # recorded, but killed before its checkpoint and lock file were removed
+            if c.checkpoint_path.exists():
+                ckpt.remove(c.checkpoint_path)
+            lock = ckpt.CellLock(c.checkpoint_path.with_suffix(".lock"))
+            if lock.path.exists() and lock.acquire():  # (a live holder keeps its file)
+                lock.release()
+    data = {name: load_data(suite, name) for name in suite.dataset.names if any(c.dataset == name for c in todo)}
+    executor = make_executor(suite, device, len(todo)) if todo else None
+    resuming = sum(c.checkpoint_path.exists() for c in todo) if suite.checkpoint else 0
     print(f"suite {suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already recorded, "
-          f"{len(todo)} to run on {device}", file=out)
-    summary = {"ok": 0, "failed": 0, "skipped": len(cells) - len(todo), "records": []}
+          f"{len(todo)} to run on {device}{executor.describe() if executor else ''}"
+          + (f" ({resuming} from checkpoints)" if resuming else ""), file=out)
+    summary = {"ok": 0, "failed": 0, "skipped": len(cells) - len(todo), "busy": 0, "lost": 0, "records": [],
+               "lost_cells": []}
     disable = None if show_progress is None else not show_progress  # None: only on a terminal
     bar = tqdm(total=len(todo), desc=f"suite {suite.name}", unit="cell", disable=disable, file=sys.stderr)
-    for c in todo:
-        cell_bar = tqdm(total=None, desc=c.label, unit="step", leave=False, file=sys.stderr,
-                        mininterval=0.5, disable=disable)
-
-        def progress(step: int, total: int, cell_bar=cell_bar) -> None:
-            if cell_bar.total is None:
-                cell_bar.total = total
-                cell_bar.refresh()
-            if step - cell_bar.n >= 20 or step == total:
-                cell_bar.update(step - cell_bar.n)
-
-        t0 = time.perf_counter()
-        rec = run_cell(c, data[c.dataset], device, progress)
-        cell_bar.close()
-        if c.path.exists() and suite.retry_failed:
-            _set_aside(c.path)
-        write_record(c.path, rec)
-        summary[rec["status"]] += 1
-        summary["records"].append(str(c.path))
-        final = rec["final"]
-        if rec["status"] == "failed":
-            msg = f"FAILED ({rec['failure']['reason']}: {rec['failure']['message']})"
-        elif final["test_acc"] is not None:
-            msg = f"test acc {final['test_acc']:.4f}, {final['params']} params"
-        else:
-            msg = f"test loss {final['test_loss']:.4g}, {final['params']} params"
-        bar.update(1)
-        tqdm.write(f"{c.label}: {msg}, {time.perf_counter() - t0:.1f} s", file=out)
-    bar.close()
+    write_error = None
+    try:
+        for outcome in executor.run(todo, data, disable) if executor else ():
+            bar.update(1)
+            if outcome.status == "write_error":
+                write_error = write_error or outcome.message
+                continue
+            key = outcome.status if outcome.status in summary else "skipped"
+            summary[key] += 1
+            if outcome.status in ("ok", "failed"):
+                summary["records"].append(outcome.path)
+            if outcome.status == "lost":
+                summary["lost_cells"].append(outcome.label)
+            tqdm.write(outcome.line(), file=out)
+    finally:
+        bar.close()
+        ckpt.prune_empty_dirs(Path(suite.results_dir) / "checkpoints" / suite.name)
+    if write_error is not None:
+        raise RecordWriteError(write_error)
     return summary

@@ -5,22 +5,29 @@ Fairness: the training data order and augmentation depend on the seed alone (nev
 the budget is a number of ordinary training steps, and everything a method does outside those steps
 (growth, statistics, per-step bookkeeping) is timed and FLOP-counted separately as growth overhead.
 Evaluation happens at the same steps for every method and is not charged.
+
+Checkpoints: with a `checkpoint` callback, the state of the cell is handed to it at every evaluation
+point (after the evaluation, before that step's growth and training; see growbench.checkpoint), and
+`train(..., resume=state)` continues from such a state to the result a straight run gives. Writing a
+checkpoint is charged to no clock.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from growbench import checkpoint as ckpt
 from growbench.config import Suite
 from growbench.data import Dataset, Split
 from growbench.data.augment import normalize, random_crop, random_flip
+from growbench.flops import FlopCount
 from growbench.methods.base import GrowthEvent, GrowthMethod
 from growbench.models import GrowableNet, count_flops
 from growbench.optim import build_optimizer, lr_factor, set_lr, sync_optimizer
@@ -31,6 +38,10 @@ DIVERGENCE_CHECK_EVERY = 25  # steps; checking every step would force a GPU sync
 
 class Diverged(Exception):
     """The training loss became NaN or infinite: the cell is recorded as failed with this reason."""
+
+
+class ResumeError(Exception):
+    """A checkpoint could not be restored into a fresh network, optimizer and method."""
 
 
 def derived_seed(seed: int, purpose: str) -> int:
@@ -69,6 +80,10 @@ class Clock:
 
     def end(self, phase: str) -> None:
         self.totals[phase] += self._lap()
+
+    def skip(self) -> None:
+        """Time since the last mark belongs to no phase (writing a checkpoint)."""
+        self._lap()
 
 
 @dataclass
@@ -205,8 +220,15 @@ def set_width_caps(model: GrowableNet, suite: Suite) -> None:
 
 
 def train(model: GrowableNet, method: GrowthMethod, data: Dataset, suite: Suite, seed: int,
-          device: torch.device, progress=None) -> TrainResult:
-    """Train `model` for the suite's budget under `method`'s hooks; returns curve, events and final metrics."""
+          device: torch.device, progress=None, *, checkpoint=None, resume: dict | None = None) -> TrainResult:
+    """Train `model` for the suite's budget under `method`'s hooks; returns curve, events and final metrics.
+
+    checkpoint(state): called with the cell's state at every evaluation point but the first and the last;
+    if it raises, the cell warns and goes on without checkpoints.
+    resume: such a state; `model` must then be `growbench.models.from_spec(state["model"]["spec"])` and
+    `method` a fresh instance: the weights, optimizer, method state, RNGs, counters, clocks, curve and
+    events are restored from it, and training continues where the state was saved.
+    """
     b = suite.budget
     n_train = len(data.train)
     steps_per_epoch = math.ceil(n_train / b.batch_size)
@@ -229,15 +251,49 @@ def train(model: GrowableNet, method: GrowthMethod, data: Dataset, suite: Suite,
     result = TrainResult()
     flops = FlopMeter(model, data.task)
     clock = Clock(device)
-    with FlopCounterMode(display=False) as fc:
-        method.setup(model, ctx)
-    flops.growth_flops += fc.get_total_flops()
-    sync_optimizer(opt, model, suite.optimizer)
-    clock.end("growth")
-    step_hook = method.has_after_step()
     running_loss = torch.zeros((), device=device, dtype=torch.float64)
     running_n = 0
     perm = None
+    start = 0
+    if resume is None:
+        with FlopCount() as fc:
+            method.setup(model, ctx)
+        flops.growth_flops += fc.total
+        sync_optimizer(opt, model, suite.optimizer)
+        clock.end("growth")
+    else:  # setup's cost was charged before the checkpoint; the RNGs it draws from are rewound below
+        try:
+            start = resume["step"]
+            ctx.step, ctx.samples_seen = start, resume["samples_seen"]
+            for h in model.hidden_layers():
+                h.inp.growbench_max_width = resume["model"]["caps"].get(h.name)
+            method.setup(model, ctx)
+            sync_optimizer(opt, model, suite.optimizer)
+            model.load_state_dict(resume["model"]["weights"])
+            for name, p in model.named_parameters():
+                p.requires_grad_(name not in resume["model"]["frozen"])
+            ckpt.load_optimizer_state(opt, model, resume["optimizer"])
+            method.load_state_dict(resume["method"])
+            method.events_done = resume["events_done"]
+            rng = resume["rng"]
+            order_gen.set_state(rng["order"])
+            aug_gen.set_state(rng["augment"])
+            method_gen.set_state(rng["method"])
+            if rng["method_augment"] is not None:  # (not _method_aug_generator(): it draws from method_gen)
+                ctx._aug_generator = torch.Generator(device=device)
+                ctx._aug_generator.set_state(rng["method_augment"])
+            ckpt.set_rng_state(rng["global"])
+            perm = resume["perm"]
+            running_loss = resume["running_loss"].to(device)
+            running_n = resume["running_n"]
+            clock.totals = dict(resume["clock"])
+            flops.train_flops, flops.growth_flops = resume["flops"]["train"], resume["flops"]["growth"]
+            flops.remeasure()
+            result.curve, result.events = list(resume["curve"]), list(resume["events"])
+        except Exception as e:
+            raise ResumeError(f"{type(e).__name__}: {e}") from e
+        clock.skip()
+    step_hook = method.has_after_step()
 
     def evaluate_point(step: int) -> None:
         nonlocal running_loss, running_n
@@ -266,11 +322,11 @@ def train(model: GrowableNet, method: GrowthMethod, data: Dataset, suite: Suite,
         params_before = model.param_count()
         clock.end("eval")
         g0 = clock.totals["growth"]
-        with FlopCounterMode(display=False) as fc:
+        with FlopCount() as fc:
             events = method.grow(model, ctx) or []
         sync_optimizer(opt, model, suite.optimizer)
         clock.end("growth")
-        gflops = fc.get_total_flops()
+        gflops = fc.total
         flops.growth_flops += gflops
         flops.remeasure()
         probe_after, _ = _evaluate(model, ctx, probe, b.eval_batch_size)
@@ -290,10 +346,37 @@ def train(model: GrowableNet, method: GrowthMethod, data: Dataset, suite: Suite,
             })
         method.events_done += 1
 
-    for step in range(total_steps):
+    def save(step: int) -> None:
+        nonlocal checkpoint
+        try:
+            state = {
+                "step": step, "samples_seen": ctx.samples_seen,
+                "model": {"spec": model.spec(), "weights": model.state_dict(),
+                          "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+                          "caps": {h.name: getattr(h.inp, "growbench_max_width", None)
+                                   for h in model.hidden_layers()}},
+                "optimizer": ckpt.optimizer_state(opt, model),
+                "method": method.state_dict(), "events_done": method.events_done,
+                "rng": {"global": ckpt.rng_state(device), "order": order_gen.get_state(),
+                        "augment": aug_gen.get_state(), "method": method_gen.get_state(),
+                        "method_augment": None if ctx._aug_generator is None else ctx._aug_generator.get_state()},
+                "perm": perm, "running_loss": running_loss, "running_n": running_n,
+                "clock": dict(clock.totals), "flops": {"train": flops.train_flops, "growth": flops.growth_flops},
+                "curve": result.curve, "events": result.events,
+            }
+            checkpoint(state)
+        except Exception as e:  # a full disk or an unpicklable method state must not stop the cell
+            warnings.warn(f"checkpoint at step {step} not written ({type(e).__name__}: {e}); "
+                          "the cell goes on without checkpoints", stacklevel=2)
+            checkpoint = None
+        clock.skip()
+
+    for step in range(start, total_steps):
         ctx.step = step
-        if step in eval_steps:
+        if step in eval_steps and not (resume is not None and step == start):  # done before the checkpoint
             evaluate_point(step)
+            if checkpoint is not None and step > 0:
+                save(step)
         if method.should_grow(model, ctx):
             grow(step)
         pos = step % steps_per_epoch
@@ -316,9 +399,9 @@ def train(model: GrowableNet, method: GrowthMethod, data: Dataset, suite: Suite,
         flops.add_train(n)
         if step_hook:
             clock.begin()
-            with FlopCounterMode(display=False) as fc:
+            with FlopCount() as fc:
                 method.after_step(model, ctx)
-            flops.growth_flops += fc.get_total_flops()
+            flops.growth_flops += fc.total
             clock.end("growth")
         if (step + 1) % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(running_loss):
             raise Diverged(f"training loss became {running_loss.item()} at step {step} (epoch {ctx.epoch:.2f})")
