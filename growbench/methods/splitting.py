@@ -274,6 +274,8 @@ class _SplittingBase(GrowthMethod):
     """Shared growth step; subclasses give the eigen-solver (`_min_eigen`)."""
 
     variant: ClassVar[str] = ""
+    # Offspring sit at theta +- epsilon*v: the function changes by O(epsilon^2) (O(epsilon) near ReLU kinks).
+    preserves_function: ClassVar[bool] = False
 
     def _min_eigen(self, h: "Hidden", xs: list[Tensor], ws: list[Tensor], ctx: "Context") -> tuple[Tensor, Tensor]:
         raise NotImplementedError

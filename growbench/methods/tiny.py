@@ -371,6 +371,8 @@ class Tiny(GrowthMethod):
 
     name: ClassVar[str] = "tiny"
     Settings: ClassVar[type] = TinySettings
+    # The move is function-preserving at amplitude 0, but the line search applies it at gamma > 0.
+    preserves_function: ClassVar[bool] = False
 
     def __init__(self, settings=None, growth=None) -> None:
         super().__init__(settings, growth)
