@@ -18,10 +18,7 @@ QUICK["senn-sgd"] = QUICK["senn"]
 
 # Where a built-in method does not pass the kit (see the reasons); strict: a fix that makes the check pass
 # fails here until the entry is removed, a fix that makes it skip (e.g. declaring `families`) just skips.
-KNOWN_FAILURES = {
-    ("senn", "vgg", "*"): "SENN is MLP-only (ConfigError in setup) but does not declare families = ('mlp',)",
-}
-KNOWN_FAILURES[("senn-sgd", "vgg", "*")] = KNOWN_FAILURES[("senn", "vgg", "*")]
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}  # (method, family or *, test or *) -> why
 
 
 def known_failure(method: str, family: str | None, test: str) -> str | None:

@@ -97,12 +97,15 @@ class GrowableNet(nn.Module):
 
     # ---------------------------------------------------------------- primitives
     @torch.no_grad()
-    def add_units(self, name: str, w_in: Tensor, b_in: Tensor | None, w_out: Tensor) -> None:
+    def add_units(self, name: str, w_in: Tensor, b_in: Tensor | None, w_out: Tensor,
+                  act_init: Tensor | None = None) -> None:
         """Append k units to hidden layer `name`.
 
         w_in:  (k, fan_in) or (k, C_in, kh, kw)   new rows of `inp` (layer l-1)
         b_in:  (k,) or None (zero bias; ignored when `inp` has no bias)
         w_out: (fan_out, k) or (C_out, k, kh, kw) new columns of `out` (layer l); zeros preserve the function
+        act_init: per-unit activation parameters of the new units, for activations that have them
+                  (SENN's `Rational`: (k, 3) = (v, c, l); None = the activation's own default draw)
         New BatchNorm channels start as the identity: weight 1, bias 0, running mean 0, running var 1.
         """
         h = self.hidden(name)
@@ -124,6 +127,7 @@ class GrowableNet(nn.Module):
         _set_features(h.inp, out=n + k)
         if h.bn is not None:
             self._grow_bn(h.bn, torch.ones(k), torch.zeros(k), torch.zeros(k), torch.ones(k))
+        self._grow_act(h, k, act_init)
         _set_param(self, h.out, "weight", torch.cat([O, w_out.to(O)], 1))
         _set_features(h.out, inp=n + k)
 
@@ -153,6 +157,8 @@ class GrowableNet(nn.Module):
         if h.bn is not None:
             bn = h.bn
             self._grow_bn(bn, bn.weight[idx], bn.bias[idx], bn.running_mean[idx], bn.running_var[idx])
+        if hasattr(h.act, "grown"):  # the copies keep their parent's activation parameters
+            self._grow_act(h, len(idx), h.act.coefficients()[idx.to(h.act.v.device)])
         O = h.out.weight
         new_o = O.clone()
         new_o[:, idx] *= out_fraction
@@ -167,6 +173,15 @@ class GrowableNet(nn.Module):
         mod.weight.add_(delta_w.to(mod.weight))
         if delta_b is not None and mod.bias is not None:
             mod.bias.add_(delta_b.to(mod.bias))
+
+    def _grow_act(self, h: Hidden, k: int, init: Tensor | None) -> None:
+        """Per-unit activation parameters (e.g. SENN's Rational) grow with the layer; no-op for ReLU & co."""
+        if hasattr(h.act, "grown"):
+            for attr, value in h.act.grown(k, init).items():
+                _set_param(self, h.act, attr, value)
+        elif init is not None:
+            raise ValueError(f"act_init given, but the activation of {h.name} ({type(h.act).__name__}) "
+                             "has no per-unit parameters")
 
     def _grow_bn(self, bn: nn.Module, w: Tensor, b: Tensor, mean: Tensor, var: Tensor) -> None:
         dev, dt = bn.weight.device, bn.weight.dtype
