@@ -1,4 +1,4 @@
-"""`growbench run | list | leaderboard`: Hydra-style `key=value` overrides on top of a suite YAML.
+"""`growbench run | search | list | leaderboard`: Hydra-style `key=value` overrides on top of a suite YAML.
 
 Bad input (unknown suite, key, method or value, missing dataset files) prints one error that names the
 valid choices or the fix and exits with code 2 before anything runs.
@@ -20,6 +20,10 @@ overrides (Hydra style, values in YAML syntax):
   device=cuda                 auto | cpu | cuda | cuda:1
   method_settings.random.units_per_step=2
   results_dir=results         records go to <results_dir>/runs/<suite>/<dataset>/<method>/
+  workers=4                   run 4 cells at once in local worker processes (executor=local)
+  executor=submitit           send cells to SLURM (pip install growbench[slurm]; settings under submitit.)
+  submitit.partition=gpu submitit.time=120 submitit.gpus_per_node=1
+  checkpoint=false            no per-cell checkpoints (default: saved at every evaluation point)
 examples:
   growbench run                                  # the toy suite, in under a minute on a CPU
   growbench run suite=mnist seeds=[0] --dry-run  # the plan, what is done, a cost estimate
@@ -49,6 +53,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_suite(suite, show_progress=False if args.quiet else None)
     print(f"done: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} already recorded; "
           f"records under {suite.results_dir}/runs/{suite.name}/")
+    unfinished = summary.get("lost", 0) + summary.get("busy", 0)
+    if unfinished:
+        print(f"growbench: error: {unfinished} cell(s) not finished ({summary.get('lost', 0)} lost when their "
+              f"process died, {summary.get('busy', 0)} running in another process); rerun the same command "
+              "to finish them (they resume from their last checkpoints)", file=sys.stderr)
+        return 1
     print(f"table: growbench leaderboard suite={name}" + (f" results_dir={suite.results_dir}"
                                                           if suite.results_dir != "results" else ""))
     return 0
@@ -92,6 +102,27 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+EPILOG_SEARCH = """\
+options (besides the suite's own overrides, e.g. budget.epochs=5 device=cuda):
+  trials=20             finished trials (complete + pruned) the study should have; a rerun resumes towards it
+  storage=PATH|URL      journal file (default <results_dir>/search/<suite>.journal), sqlite:///f.db, postgresql://...
+  workers=1             worker processes sharing the study (and the retraining's cells)
+  pruner=median         median | hyperband | none, fed the validation metric at every evaluation point
+  val_size=N            validation examples (default: the suite's, else 5000 for image data, else 20 %)
+  space=NAME|PATH       search space (default baselines/spaces/<suite>.yaml, else <model family>.yaml)
+  train_seed=1000 sampler_seed=0 prune_startup=5 retrain=true heartbeat=60
+examples:
+  growbench search suite=toy trials=20
+  growbench search suite=mnist trials=50 workers=2      # then the best goes to baselines/best/mnist-mnist.yaml
+"""
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from baselines.search import main as search_main
+
+    return search_main(args.overrides, dry_run=args.dry_run, quiet=args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="growbench",
@@ -108,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the plan, what is done and a cost estimate; run nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
+    se = sub.add_parser("search", help="Optuna search of a fixed-size baseline per dataset; best -> baselines/best/",
+                        description="Search the fixed-size networks of a suite's model family (widths, lr, weight "
+                                    "decay) with Optuna on a validation split, write the best configuration and the "
+                                    "search's cost to baselines/best/<suite>-<dataset>.yaml, and train it for every "
+                                    "seed as method optuna-fixed. Rerunning resumes the same study.",
+                        epilog=EPILOG_SEARCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    se.add_argument("overrides", nargs="*", metavar="key=value", help="suite=NAME, search options and overrides")
+    se.add_argument("--dry-run", action="store_true", help="print the studies (name, storage, space); run nothing")
+    se.add_argument("--quiet", action="store_true", help="no progress bars")
+    se.set_defaults(func=cmd_search)
     li = sub.add_parser("list", help="show suites, methods (with plugins) and datasets")
     li.set_defaults(func=cmd_list)
     lb = sub.add_parser("leaderboard", help="write and print a suite's tables and figures from its records",

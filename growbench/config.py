@@ -95,6 +95,21 @@ class GrowthConfig:
 
 
 @dataclass(frozen=True)
+class SubmititConfig:
+    """`executor: submitit`: where and how cells are sent to SLURM (one array task per cell)."""
+
+    cluster: str | None = None  # None: SLURM if sbatch is on PATH, else local processes; local | debug for tests
+    partition: str | None = None
+    time: int = 240  # minutes per cell (SLURM --time); a preempted or timed-out cell is requeued and resumes
+    gpus_per_node: int = 0
+    cpus_per_task: int = 4  # also the torch threads of each cell
+    mem_gb: float | None = None
+    array_parallelism: int = 64  # cells running at once
+    folder: str | None = None  # submitit's logs and pickles; default <results_dir>/submitit
+    parameters: dict[str, Any] = field(default_factory=dict)  # passed to AutoExecutor.update_parameters
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     description: str = ""
@@ -110,6 +125,10 @@ class Suite:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     results_dir: str = "results"
     retry_failed: bool = False  # rerun cells whose record says failed (the old record is kept aside)
+    executor: str = "local"  # local (workers processes on this machine) | submitit (SLURM)
+    workers: int = 1  # executor=local: cells run at once, each in its own process when > 1
+    checkpoint: bool = True  # save each cell's state at every evaluation point; a killed cell resumes there
+    submitit: SubmititConfig = field(default_factory=SubmititConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,7 +137,9 @@ class Suite:
 MODEL_FAMILIES = ("mlp", "vgg", "resnet")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
-ACTIVATIONS = ("relu", "selu", "tanh", "gelu")
+ACTIVATIONS = ("relu", "selu", "tanh", "gelu", "rational")
+EXECUTORS = ("local", "submitit")
+SUBMITIT_CLUSTERS = ("slurm", "local", "debug")
 
 # --------------------------------------------------------------------------- typed parsing
 
@@ -370,7 +391,24 @@ def validate(suite: Suite) -> None:
     if len(set(suite.methods)) != len(suite.methods):
         raise ConfigError(f"methods: duplicates in {suite.methods}")
     for name in suite.methods:
-        resolve_method(suite, name)  # raises ConfigError for unknown methods and settings
+        spec = resolve_method(suite, name)  # raises ConfigError for unknown methods and settings
+        if spec.cls is not None and suite.model.family not in spec.cls.families:
+            raise ConfigError(f"method {name!r} supports model.family {', '.join(spec.cls.families)}, "
+                              f"not {suite.model.family}; remove it from methods or pick another suite")
+    _choice(suite.executor, EXECUTORS, "executor")
+    _positive(suite.workers, "workers")
+    sub = suite.submitit
+    if sub.cluster is not None:
+        _choice(sub.cluster, SUBMITIT_CLUSTERS, "submitit.cluster")
+    for key in ("time", "cpus_per_task", "array_parallelism", "mem_gb"):
+        _positive(getattr(sub, key), f"submitit.{key}")
+    _positive(sub.gpus_per_node, "submitit.gpus_per_node", allow_zero=True)
+    if suite.executor == "submitit":
+        import importlib.util
+
+        if importlib.util.find_spec("submitit") is None:
+            raise ConfigError("executor=submitit needs the submitit package, which is not installed here: "
+                              "pip install 'growbench[slurm]' (or use executor=local workers=N)")
 
 
 # --------------------------------------------------------------------------- identity of a cell

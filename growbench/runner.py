@@ -28,7 +28,7 @@ from growbench.methods import MethodSpec, PluginLoadError, resolve_method
 from growbench.models import build_model, count_flops, from_spec
 from growbench.records import (RecordError, RecordWriteError, environment, now, read_record, record_path,
                                remove_stale_temp_files, write_record)
-from growbench.trainer import Diverged, ResumeError, derived_seed, train
+from growbench.trainer import Diverged, Pruned, ResumeError, derived_seed, train
 
 # Sizes used by --dry-run when a dataset's files are not at hand: (input shape, outputs, train, test).
 KNOWN_SIZES = {
@@ -71,8 +71,11 @@ def plan(suite: Suite) -> list[Cell]:
     for dataset in suite.dataset.names:
         for name in suite.methods:
             spec = resolve_method(suite, name)
+            resolve = getattr(spec.cls, "resolve_cell", None)
             for seed in suite.seeds:
                 cfg = cell_config(suite, dataset, name, seed, spec.config())
+                if resolve is not None:  # a cell that depends on files outside the suite (optuna-fixed's searched
+                    cfg["resolved"] = resolve(suite, dataset, seed, spec)  # configuration, fixed-matched's records)
                 h = config_hash(cfg)
                 cells.append(Cell(suite, dataset, spec, seed, cfg, h,
                                   record_path(suite.results_dir, suite.name, dataset, name, seed, h)))
@@ -108,28 +111,38 @@ def _base_record(cell: Cell, data: Dataset, device: torch.device) -> dict:
 
 
 def run_cell(cell: Cell, data: Dataset, device: torch.device, progress: Callable | None = None,
-             checkpoint: bool | None = None) -> dict:
+             checkpoint: bool | None = None, on_eval: Callable | None = None) -> dict:
     """Train one cell and return its record (status ok, or failed with the reason). With checkpoints
     (default: the suite's `checkpoint`), its state is saved at every evaluation point and a saved state
-    of this cell is resumed from."""
-    return _run_cell(cell, data, device, progress, checkpoint)[0]
+    of this cell is resumed from. `on_eval(row)` is the trainer's evaluation-point callback; the
+    `growbench.trainer.Pruned` it may raise propagates (no record)."""
+    return _run_cell(cell, data, device, progress, checkpoint, on_eval)[0]
 
 
-def _train_cell(cell: Cell, data: Dataset, device: torch.device, progress, save, state):
+def _train_cell(cell: Cell, data: Dataset, device: torch.device, progress, save, state, on_eval=None):
     method = cell.method.instantiate()
+    suite, arch = cell.suite, None
+    if hasattr(method, "prepare_cell"):  # the suite this cell trains under and, optionally, its network's spec
+        suite, arch = method.prepare_cell(cell.suite, cell.config.get("resolved"))
     if state is None:
         torch.manual_seed(derived_seed(cell.seed, "init"))  # same initial weights for every method of a seed
-        model = build_model(cell.suite.model, data.input_shape, data.num_outputs, cell.method.hidden)
+        if arch is not None:
+            model = from_spec(arch)
+        else:
+            model = build_model(suite.model, data.input_shape, data.num_outputs, cell.method.hidden)
     else:
         try:
             model = from_spec(state["model"]["spec"])
         except Exception as e:
             raise ResumeError(f"cannot rebuild the network ({type(e).__name__}: {e})") from e
-    return train(model, method, data, cell.suite, cell.seed, device, progress, checkpoint=save, resume=state)
+    result = train(model, method, data, suite, cell.seed, device, progress, checkpoint=save, resume=state,
+                   on_eval=on_eval)
+    result.final.update(getattr(method, "final_extra", None) or {})  # e.g. optuna-fixed's search cost
+    return result
 
 
 def _run_cell(cell: Cell, data: Dataset, device: torch.device, progress: Callable | None = None,
-              checkpoint: bool | None = None) -> tuple[dict, int | None]:
+              checkpoint: bool | None = None, on_eval: Callable | None = None) -> tuple[dict, int | None]:
     """The record, and the step the cell resumed at (None: it started from scratch)."""
     use_ckpt = cell.suite.checkpoint if checkpoint is None else checkpoint
     path = cell.checkpoint_path
@@ -145,20 +158,20 @@ def _run_cell(cell: Cell, data: Dataset, device: torch.device, progress: Callabl
     resumed = None if state is None else state["step"]
     try:
         try:
-            result = _train_cell(cell, data, device, progress, save, state)
+            result = _train_cell(cell, data, device, progress, save, state, on_eval)
         except ResumeError as e:
             warnings.warn(f"{cell.label}: checkpoint {path} cannot be restored ({e}); the cell starts from scratch",
                           stacklevel=2)
             ckpt.remove(path)
             resumed, rec["started_at"] = None, now()
-            result = _train_cell(cell, data, device, progress, save, None)
+            result = _train_cell(cell, data, device, progress, save, None, on_eval)
         rec.update(status="ok", failure=None, curve=result.curve, events=result.events, final=result.final,
                    architecture=result.architecture)
     except Diverged as e:
         rec.update(status="failed", failure={"reason": "diverged", "message": str(e)}, curve=[], events=[], final={})
     except PluginLoadError as e:
         rec.update(status="failed", failure={"reason": "plugin", "message": str(e)}, curve=[], events=[], final={})
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, Pruned):
         raise
     except Exception as e:  # a method's bug must not stop the suite; it is recorded with its traceback
         tb = traceback.format_exception(type(e), e, e.__traceback__)
@@ -273,21 +286,28 @@ def _sizes(c: Cell) -> tuple[tuple[int, ...], int, int, int]:
     return data.input_shape, data.num_outputs, len(data.train) + (len(data.val) if data.val else 0), len(data.test)
 
 
-def _time_steps(model, shape, n_out, batch, device, steps: int = 3) -> float:
+def _time_steps(model, shape, n_out, batch, device, max_steps: int = 20, max_seconds: float = 1.0) -> float:
+    """Median seconds per training step on random data (after a warm-up step), for at most
+    `max_steps` steps or about `max_seconds`; the median resists a busy machine's outliers."""
     model = model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(n_out, (batch,), device=device)
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
+    times: list[float] = []
+    start = time.perf_counter()
+    for i in range(max_steps + 1):
+        t0 = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:
+            times.append(time.perf_counter() - t0)
+            if time.perf_counter() - start > max_seconds:
+                break
+    return sorted(times)[len(times) // 2]
 
 
 def _fmt_flops(f: float) -> str:

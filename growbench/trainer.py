@@ -44,6 +44,11 @@ class ResumeError(Exception):
     """A checkpoint could not be restored into a fresh network, optimizer and method."""
 
 
+class Pruned(Exception):
+    """Raised by an `on_eval` callback to stop the cell at an evaluation point (a hyper-parameter search's
+    pruner); it leaves `train` and `growbench.runner.run_cell` unrecorded, for the caller to handle."""
+
+
 def derived_seed(seed: int, purpose: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:7], "big")
 
@@ -220,7 +225,8 @@ def set_width_caps(model: GrowableNet, suite: Suite) -> None:
 
 
 def train(model: GrowableNet, method: GrowthMethod, data: Dataset, suite: Suite, seed: int,
-          device: torch.device, progress=None, *, checkpoint=None, resume: dict | None = None) -> TrainResult:
+          device: torch.device, progress=None, *, checkpoint=None, resume: dict | None = None,
+          on_eval=None) -> TrainResult:
     """Train `model` for the suite's budget under `method`'s hooks; returns curve, events and final metrics.
 
     checkpoint(state): called with the cell's state at every evaluation point but the first and the last;
@@ -228,6 +234,9 @@ def train(model: GrowableNet, method: GrowthMethod, data: Dataset, suite: Suite,
     resume: such a state; `model` must then be `growbench.models.from_spec(state["model"]["spec"])` and
     `method` a fresh instance: the weights, optimizer, method state, RNGs, counters, clocks, curve and
     events are restored from it, and training continues where the state was saved.
+    on_eval(row): called with a copy of each evaluation point's curve row (validation metrics included
+    when the dataset has a validation split), after it is recorded; it may raise `Pruned` to stop the
+    cell there. Its time is charged to no clock.
     """
     b = suite.budget
     n_train = len(data.train)
@@ -315,6 +324,9 @@ def train(model: GrowableNet, method: GrowthMethod, data: Dataset, suite: Suite,
         result.curve.append(row)
         running_loss = torch.zeros((), device=device, dtype=torch.float64)
         running_n = 0
+        if on_eval is not None:
+            on_eval(dict(row))  # may raise Pruned
+            clock.skip()
 
     def grow(step: int) -> None:
         clock.begin()

@@ -18,7 +18,15 @@ GROUP = "growbench.methods"
 # Used only when growbench runs from a source tree without installed metadata (no entry points).
 _BUILTIN_FALLBACK = {
     "fixed": "growbench.methods.fixed:Fixed",
+    "fixed-matched": "growbench.methods.fixed_matched:FixedMatched",
+    "optuna-fixed": "growbench.methods.optuna_fixed:OptunaFixed",
+    "firefly": "growbench.methods.firefly:Firefly",
     "random": "growbench.methods.random_growth:RandomGrowth",
+    "senn": "growbench.methods.senn:Senn",
+    "senn-sgd": "growbench.methods.senn:SennSgd",
+    "splitting": "growbench.methods.splitting:Splitting",
+    "splitting-fast": "growbench.methods.splitting:SplittingFast",
+    "tiny": "growbench.methods.tiny:Tiny",
 }
 
 
