@@ -64,6 +64,9 @@ def render_markdown(lb: Leaderboard) -> str:
         f"- protocol: {_protocol(s)}",
         f"- methods: {', '.join(s.methods)}",
     ]
+    extra = [m for m in dict.fromkeys(cells["method"]) if m not in s.methods]
+    if extra:
+        out.append(f"- also run on this suite (`methods=[...]`, not in its list): {', '.join(extra)}")
     if board.overrides:
         out.append(f"- overrides: `{' '.join(board.overrides)}`")
     for key, label in (("hardware", "hardware"), ("torch", "torch"), ("growbench", "growbench"),

@@ -241,3 +241,21 @@ def test_colours_are_fixed_per_method_and_deterministic_otherwise():
 def test_tex_escape():
     assert tex_escape("a_b & 5% #1 {x} ~^$") == r"a\_b \& 5\% \#1 \{x\} \textasciitilde{}\textasciicircum{}\$"
     assert tex_escape("<0.001 ± 1") == r"$<$0.001 $\pm$ 1"
+
+
+def test_a_method_run_outside_the_suite_list_is_shown_with_its_missing_seeds(toy, tmp_path):
+    """`growbench run suite=toy methods=[gradmax]` (a plugin, say) shows up on the suite's leaderboard."""
+    root = copy_of(toy, tmp_path)
+    assert main(["run", "suite=toy", f"results_dir={root}", *OV, "methods=[tiny]", "seeds=[0]", "--quiet"]) == 0
+    leaderboard(root)
+    md, df, _ = tables(root)
+    assert "also run on this suite (`methods=[...]`, not in its list): tiny" in md
+    row = df[(df["dataset"] == "toy-spirals") & (df["method"] == "tiny")].iloc[0]
+    assert row["cells_ok"] == 1 and row["cells_expected"] == 3
+    assert "toy-spirals/tiny: missing seed1, seed2" in md
+    # records of another protocol stay out
+    assert main(["run", "suite=toy", f"results_dir={root}", *OV, "methods=[senn-sgd]", "seeds=[0]",
+                 "budget.epochs=3", "--quiet"]) == 0
+    leaderboard(root)
+    md, df, _ = tables(root)
+    assert "senn-sgd" not in set(df["method"]) and "belong to another configuration" in md

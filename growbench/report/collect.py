@@ -6,6 +6,7 @@ named. Paths in notes are relative to the results folder, so outputs do not depe
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,8 +61,9 @@ def collect(suite: Suite, overrides: list[str] | None = None) -> Board:
     cells = plan(suite)
     records, problems = scan(suite.results_dir, suite.name)
     by_hash = {r["config_hash"]: r for r in records}
-    expected = {c.hash for c in cells}
     notes = [_rel(p, suite.results_dir) for p in problems]
+    cells += _extra_cells(suite, records, {c.hash for c in cells}, notes)
+    expected = {c.hash for c in cells}
     stale = [r for r in records if r["config_hash"] not in expected]
     if stale:
         notes.append(f"{len(stale)} record(s) of suite {suite.name} belong to another configuration and are not shown")
@@ -121,6 +123,28 @@ def collect(suite: Suite, overrides: list[str] | None = None) -> Board:
     events = pd.DataFrame(event_rows, columns=["dataset", "method", "seed", "epoch", "params_after"])
     return Board(suite, list(overrides or []), list(suite.dataset.names), tasks, df, curves, events, notes,
                  _env_summary(envs))
+
+
+def _extra_cells(suite: Suite, records: list[dict], expected: set[str], notes: list[str]) -> list:
+    """Cells of methods outside the suite's `methods` that were run on it (`methods=[gradmax]`, a plugin).
+
+    A method counts when its records match the suite as configured now with that method added; its
+    expected cells are then the suite's datasets x seeds, so its missing seeds are named like any other's.
+    """
+    from growbench.config import ConfigError
+
+    extra: list = []
+    names = sorted({r["method"] for r in records if r["config_hash"] not in expected} - set(suite.methods))
+    for name in names:
+        try:
+            planned = plan(dataclasses.replace(suite, methods=[name]))
+        except ConfigError as e:  # e.g. a plugin that is not installed here
+            notes.append(f"records of method {name} not shown: {e}")
+            continue
+        hashes = {c.hash for c in planned}
+        if any(r["config_hash"] in hashes for r in records if r["method"] == name):
+            extra += planned
+    return extra
 
 
 def _env_summary(envs: list[dict]) -> dict[str, list[str]]:

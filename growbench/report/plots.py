@@ -1,5 +1,10 @@
 """Leaderboard figures, sized for a paper column (3.4 in wide, fonts >= 7 pt), PNG (200 dpi) and PDF.
 
+Drawn with seaborn (its "paper" context and "ticks" style, `lineplot` for mean curves with the seed range
+as band, `scatterplot`, `barplot` and `stripplot`) on matplotlib figures we size and save ourselves.
+Only seaborn's deterministic estimators are used (means, the 100 % percentile interval = seed range, no
+bootstrapped bands and no jitter), so the same records give the same pixels.
+
 One colour per method everywhere: a fixed mapping for the methods we know, a hash of the name for the
 rest, so a method keeps its colour across figures and suites. Fixed-size baselines are drawn dashed with
 square markers so the figures also read in grey. Nothing random is drawn (no jitter); PDFs carry no
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -34,6 +40,7 @@ FALLBACK_COLORS = ("#332288", "#117733", "#44AA99", "#88CCEE", "#999933", "#DDCC
                    "#661100", "#6699CC")
 
 RC = {
+    **sns.axes_style("ticks"), **sns.plotting_context("paper"),  # seaborn's paper look, then our sizes
     "font.family": "DejaVu Sans", "font.size": 7.5, "axes.labelsize": 8, "axes.titlesize": 8,
     "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7, "legend.title_fontsize": 7,
     "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6, "xtick.minor.width": 0.4,
@@ -153,8 +160,8 @@ class Plotter:
             g = self.cells[self.cells["method"] == m]
             st = _style(m, self.fixed[m])
             y = self._y(g["metric"])
-            ax.scatter(g["params"], y, s=9, color=st["color"], marker=st["marker"], alpha=0.35, linewidths=0,
-                       zorder=3)
+            sns.scatterplot(x=g["params"].to_numpy(dtype=float), y=y, ax=ax, s=9, color=st["color"],
+                            marker=st["marker"], alpha=0.35, linewidth=0, zorder=3, legend=False)
             ax.errorbar(g["params"].mean(), y.mean(), yerr=y.std(ddof=1) if len(y) > 1 else None,
                         color=st["color"], marker=st["marker"], markersize=5, markeredgecolor="white",
                         markeredgewidth=0.5, capsize=2, elinewidth=0.8, linestyle="none", zorder=4)
@@ -199,15 +206,14 @@ class Plotter:
             for _, s in g.groupby("seed"):
                 x, y = s[axis].to_numpy(), self._y(s[metric])
                 ys.append(np.interp(grid, x, y, left=np.nan, right=y[-1]))  # a finished run keeps its value
-            ys = np.vstack(ys)
-            ok = np.isfinite(ys).any(axis=0)
+            ys = np.vstack(ys)  # (seeds, grid); NaN before a seed's first point
             st = _style(m, self.fixed[m])
-            with np.errstate(all="ignore"):
-                mean = np.nanmean(ys[:, ok], axis=0)
-                lo, hi = np.nanmin(ys[:, ok], axis=0), np.nanmax(ys[:, ok], axis=0)
-            ax.fill_between(grid[ok], lo, hi, color=st["color"], alpha=0.18, linewidth=0)
-            ax.plot(grid[ok], mean, color=st["color"], linestyle=st["linestyle"])
-            all_y.append(mean)
+            long = pd.DataFrame({"x": np.tile(grid, ys.shape[0]), "y": ys.ravel()}).dropna()
+            # mean over seeds at each grid point, band = the 100 % percentile interval (the seed range)
+            sns.lineplot(data=long, x="x", y="y", ax=ax, estimator="mean", errorbar=("pi", 100),
+                         color=st["color"], linestyle=st["linestyle"], err_kws={"alpha": 0.18, "linewidth": 0},
+                         legend=False)
+            all_y.append(long.groupby("x")["y"].mean().to_numpy())
             handles.append(_handle(m, self.fixed[m], marker=False))
         fmt = _si if axis == "flops" else _plain
         if log_x:
@@ -241,7 +247,8 @@ class Plotter:
                 per_seed.append(ps[np.searchsorted(xs, grid, side="right") - 1])
             mean = np.mean(per_seed, axis=0)
             st = _style(m, self.fixed[m])
-            ax.step(grid, mean, where="post", color=st["color"], linestyle=st["linestyle"])
+            sns.lineplot(x=grid, y=mean, ax=ax, drawstyle="steps-post", color=st["color"],
+                         linestyle=st["linestyle"], estimator=None, legend=False)
             all_p.append(mean)
             handles.append(_handle(m, self.fixed[m], marker=False))
         if all_p and _wide(np.concatenate(all_p)):
@@ -258,16 +265,20 @@ class Plotter:
         """Growth wall-clock as a share of the total (train + growth + search): bar = mean, dots = seeds."""
         n = len(self.methods)
         fig, ax = _new_figure(0.9 + 0.22 * max(n, 2))
+        data = self.cells[["method", "growth_share"]].copy()
+        data["share"] = 100.0 * data["growth_share"].astype(float)
+        palette = {m: method_color(m) for m in self.methods}
+        sns.barplot(data=data, y="method", x="share", order=self.methods, hue="method", palette=palette,
+                    estimator="mean", errorbar=None, width=0.65, alpha=0.75, linewidth=0, ax=ax, legend=False)
+        sns.stripplot(data=data, y="method", x="share", order=self.methods, color="black", size=2.8,
+                      jitter=False, linewidth=0, zorder=3, ax=ax)
         for i, m in enumerate(self.methods):
-            share = 100.0 * self.cells.loc[self.cells["method"] == m, "growth_share"].to_numpy(dtype=float)
-            st = _style(m, self.fixed[m])
+            share = data.loc[data["method"] == m, "share"].to_numpy(dtype=float)
             mean = float(np.nanmean(share)) if share.size else math.nan
-            ax.barh(i, mean, height=0.65, color=st["color"], alpha=0.75, linewidth=0)
-            ax.scatter(share, np.full(share.shape, i), s=8, color="black", zorder=3, linewidths=0)
             if np.isfinite(mean):
                 ax.annotate(f"{mean:.1f}%" if mean >= 0.1 else f"{mean:.2g}%", (max(share.max(), mean), i),
                             xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
-        ax.set_yticks(range(n), self.methods)
+        ax.set_ylabel("")
         ax.set_ylim(n - 0.5, -0.5)
         ax.set_xlim(0, None)
         ax.margins(x=0.18)
