@@ -27,19 +27,30 @@ normalised one (G from e/‖e‖), with the bias inside A; `senn` steps along K-
 official least-squares coefficient c (so its lr is a fraction of that step); the ascent runs on log Δη and
 undoes failed steps (Δη never decreases); the best candidate is re-scored on an independent draw
 (`validation_examples`, not the whole training set); depth only after the last hidden layer by default; the
-recursion is bounded; Theorem 3.1 is read with α = abs_thresh and λ = 1 (normalised Fisher); MLPs only —
-conv families are refused at setup.
+recursion is bounded; Theorem 3.1 is read with α = abs_thresh and λ = 1 (normalised Fisher).
+
+Conv (the vgg family; `senn_conv`): KFC factors (Grosse & Martens 2016) for every conv — A from unfolded
+input patches with a bias 1 (mean over examples and positions), G from the per-position output gradients
+(summed over positions, so F ≈ A⊗G) — for the score, the running factors and `senn`'s natural-gradient
+steps (the classifier stays a Linear). Width only: a candidate channel is a filter (+ bias) on the layer's
+input patches through the family's ReLU (no rational activation: VGG has one shared ReLU), scored by what
+it adds to the next conv's unfolded patches (kh·kw features per row) or, after the last conv, to the
+classifier's pooled input; its BatchNorm channel is set so that it computes exactly the scored
+relu(w·u + b) in eval mode (statistics passes run BatchNorm in eval mode). Our decisions: depth proposals
+and the `activation` setting are ignored for vgg (not implemented), BatchNorm parameters are trained with
+their plain gradient in `senn`, and the resnet family is refused (config check and setup).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from growbench.methods.base import GrowthEvent, GrowthMethod
+from growbench.methods.senn_conv import ConvCandidates, channel_moments
 from growbench.methods.senn_kfac import (KFACNaturalGradient, KFACStats, Observation, damped, observe, with_ones)
 from growbench.models.activations import Rational, rational, rational_with_grads
 
@@ -131,11 +142,13 @@ def theorem_bound(tau: float, alpha: float, lam: float = 1.0) -> float:
 
 
 # --------------------------------------------------------------------------- scoring
+CONV_CHUNK = 8  # conv candidates per autograd pass: their unfolded features are P·N·L·kh·kw floats
 @dataclass
 class Target:
-    """What candidates at hidden position i are scored against: the layer j = i+1 that receives them."""
+    """What candidates at hidden position i are scored against: the layer j = i+1 that receives them.
+    Rows are examples, or (example, position) pairs of a conv layer (then n = N·L)."""
 
-    R: Tensor  # (N, d_out) residual gradients, existing inputs regressed out, whitened: r·U⁻ᵀ with Ĝ = UUᵀ
+    R: Tensor  # (n, d_out) residual gradients, existing inputs regressed out, whitened: L·r·U⁻ᵀ with Ĝ = UUᵀ
     delta: float  # damping of the candidates' second moment (that of Â_j, so the bound stays a bound)
     eta_layer: float  # tr(Γ Â⁻¹ Γᵀ Ĝ⁻¹) of layer j
     loss_sqnorm: float  # ‖dL‖² = E‖e‖²
@@ -143,19 +156,25 @@ class Target:
 
 
 def make_target(obs: Observation, j: int, s: SennSettings) -> Target:
-    """Regress [x_j, 1] out of the residual r_j (the spec's `layer_residual`) and whiten it by Ĝ_j."""
-    a = with_ones(obs.inputs[j]).double()  # (N, d_in+1)
+    """Regress [x_j, 1] out of the residual r_j (the spec's `layer_residual`) and whiten it by Ĝ_j.
+
+    Conv layer j (rows = (example, position), L positions): A is a mean over rows, G a sum over positions
+    (`layer_factors`) and a new input's gradient Σ_p E_n[g hᵀ] = L·E_rows[g hᵀ], so with R scaled by L the
+    row-wise score tr(Cᵀ A_h⁻¹ C) (C = E_rows[h Rᵀ]) is the same Schur-complement bound as for a Linear."""
+    a = with_ones(obs.inputs[j]).double()  # (n, d_in+1), n = N·L
+    n = a.shape[0]
+    L = obs.positions[j] if obs.positions else 1
     A = obs.A[j].double()
     delta = max(s.a_damping * float(torch.diagonal(A).mean()), 1e-12)
     A_hat = A + delta * torch.eye(A.shape[0], dtype=A.dtype)
-    r = obs.residuals[j].double()  # (N, d_out)
-    r = r - a @ torch.linalg.solve(A_hat, a.T @ r / obs.n)
+    r = obs.residuals[j].double()  # (n, d_out)
+    r = r - a @ torch.linalg.solve(A_hat, a.T @ r / n)
     G_hat = damped(obs.G[j].double(), s.damping)
     U = torch.linalg.cholesky(G_hat)
-    R = torch.linalg.solve_triangular(U, r.T, upper=False).T  # (N, d_out)
+    R = torch.linalg.solve_triangular(U, r.T, upper=False).T * L  # (n, d_out)
     Gam = obs.Gamma[j].double()  # (d_out, d_in+1)
     eta_layer = float((torch.linalg.solve(A_hat, Gam.T).T * torch.cholesky_solve(Gam, U)).sum())
-    return Target(R.to(obs.inputs[j].dtype), delta, eta_layer, obs.loss_sqnorm, obs.n)
+    return Target(R.to(obs.inputs[j].dtype), delta, eta_layer, obs.loss_sqnorm, n)
 
 
 def candidate_features(x: Tensor, W: Tensor, b: Tensor, coef: Tensor | None, act: nn.Module | None) -> Tensor:
@@ -208,23 +227,32 @@ def _unit_score_grads(x: Tensor, t: Target, W: Tensor, b: Tensor, coef: Tensor) 
 
 
 def ascend(x: Tensor, t: Target, W: Tensor, b: Tensor, coef: Tensor | None, act: nn.Module | None,
-           steps: int, lr: float, reg: float) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+           steps: int, lr: float, reg: float, features: Callable | None = None,
+           chunk: int = 0) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """Gradient ascent on each candidate's Δη (batched over P). A step is ε·∇log Δη (scale-free: Δη is in
     units of ‖dL‖²) minus reg·ld·∇ld (ld = log det WWᵀ); a step that does not increase Δη is undone and
-    its ε divided by 3, so Δη never decreases. Returns the improved (W, b, coef) and their Δη (P,)."""
+    its ε divided by 3, so Δη never decreases. Returns the improved (W, b, coef) and their Δη (P,).
+    features(W, b, coef) -> H (P, rows, k): the candidates' features (default: φ(x Wᵀ + b), dense);
+    chunk: candidates per autograd pass (0: all; bounds the memory of conv features)."""
     P = W.shape[0]
+    feats = features or (lambda W_, b_, c_: candidate_features(x, W_, b_, c_, act))
 
     def evaluate(W, b, coef):
-        if coef is not None and W.shape[1] == 1:
+        if coef is not None and W.shape[1] == 1 and features is None:
             val, grads = _unit_score_grads(x, t, W, b, coef)
             return (val, grads, *logdet_gram(W))
-        ps = [p.detach().requires_grad_(True) for p in (W, b) + ((coef,) if coef is not None else ())]
-        with torch.enable_grad():
-            val = score(candidate_features(x, ps[0], ps[1], ps[2] if coef is not None else None, act), t)
-            obj = torch.log(val.clamp_min(1e-30)).sum()
-            grads = torch.autograd.grad(obj, ps)
+        vals, grads = [], []
+        step = chunk or P
+        for lo in range(0, P, step):
+            sl = slice(lo, lo + step)
+            ps = [p[sl].detach().requires_grad_(True) for p in (W, b) + ((coef,) if coef is not None else ())]
+            with torch.enable_grad():
+                val = score(feats(ps[0], ps[1], ps[2] if coef is not None else None), t)
+                obj = torch.log(val.clamp_min(1e-30)).sum()
+                grads.append(torch.autograd.grad(obj, ps))
+            vals.append(val.detach())
         ld, gld = logdet_gram(W)
-        return val.detach(), list(grads), ld, gld
+        return torch.cat(vals), [torch.cat(g) for g in zip(*grads)], ld, gld
 
     params = [W, b] + ([coef] if coef is not None else [])
     best, grads, ld, gld = evaluate(*params, *([] if coef is not None else [None]))
@@ -270,6 +298,7 @@ class Proposal:
     loss_sqnorm: float
     eligible: bool = False
     key: float = 0.0  # the ranking numerator: Δη (width) or Δη_val/layer_cost_mul (depth)
+    moments: tuple[float, float] | None = None  # conv: mean, variance of the new channel's w·u (its BN init)
 
     def info(self, eta: float) -> dict:
         cost = self.key
@@ -282,10 +311,10 @@ class Proposal:
 # --------------------------------------------------------------------------- the method
 class Senn(GrowthMethod):
     """SENN trained as the paper does: natural-gradient steps through the running Kronecker factors
-    (`configure_optimizer`), growth by the natural expansion score. MLP families only (see docs)."""
+    (`configure_optimizer`), growth by the natural expansion score. MLP and VGG (width only) families."""
 
     name: ClassVar[str] = "senn"
-    families: ClassVar[tuple[str, ...]] = ("mlp",)  # conv Kronecker factors are not implemented (docs)
+    families: ClassVar[tuple[str, ...]] = ("mlp", "vgg")  # vgg: KFC factors, width only (docs); no resnet
     Settings: ClassVar[type] = SennNaturalSettings
     natural_gradient: ClassVar[bool] = True
 
@@ -313,12 +342,13 @@ class Senn(GrowthMethod):
     def setup(self, model: "MLP", ctx: "Context") -> None:
         from growbench.config import ConfigError
         from growbench.models.mlp import MLP
+        from growbench.models.vgg import VGG
 
-        if not isinstance(model, MLP):
-            raise ConfigError(f"method {self.name}: only the mlp family is supported (got {model.family}); the "
-                              "convolutional Kronecker factors of the spec are not implemented, "
+        if not isinstance(model, (MLP, VGG)):
+            raise ConfigError(f"method {self.name}: only the mlp and vgg families are supported (got {model.family}); "
                               "see docs/methods/senn.md")
-        if self.settings.activation == "rational":
+        # vgg: its shared ReLU stays (no per-unit activation to grow); `activation` and `depth` apply to MLPs
+        if self.settings.activation == "rational" and isinstance(model, MLP):
             for i, act in enumerate(model.acts):
                 if not isinstance(act, Rational):
                     w = model.linears[i].out_features
@@ -386,12 +416,14 @@ class Senn(GrowthMethod):
         s = self.settings
         props = []
         hidden = model.hidden_layers()
-        depth_ok = s.depth and self.layer_cooldown <= 0 and len(hidden) < s.max_hidden_layers
+        conv = model.family != "mlp"  # conv families: width only (depth proposals are not implemented)
+        depth_ok = s.depth and not conv and self.layer_cooldown <= 0 and len(hidden) < s.max_hidden_layers
         depth_at = range(len(hidden)) if s.depth_positions == "all" else [len(hidden) - 1]
         for i, h in enumerate(hidden):
             t, tv = make_target(obs, i + 1, s), make_target(obs_val, i + 1, s)
             if ctx.room(h.name) > 0:
-                props.append(self._width(h, i, obs, obs_val, t, tv, ctx.generator))
+                width = self._width_conv if conv else self._width
+                props.append(width(h, i, obs, obs_val, t, tv, ctx.generator))
             if depth_ok and i in depth_at and i not in depth_rejected:
                 p = self._depth(i, obs, obs_val, t, tv, ctx.generator)
                 if not p.eligible:
@@ -418,6 +450,29 @@ class Senn(GrowthMethod):
                      t.eta_layer, tv.eta_layer, t.loss_sqnorm)
         p.eligible = (v > s.tau * tv.eta_layer) and (p.delta_eta > s.abs_thresh * t.loss_sqnorm)
         p.key = p.delta_eta
+        return p
+
+    def _width_conv(self, h, i: int, obs: Observation, obs_val: Observation, t: Target, tv: Target,
+                    gen: torch.Generator) -> Proposal:
+        """The best of `proposals` candidate channels for conv hidden layer i: a filter w (+ bias b) on the
+        layer's input patches through its activation, h = relu(w·u + b), scored by what it adds to the
+        consumer's input patches (`senn_conv.ConvCandidates`); the same ascent and acceptance rule."""
+        s = self.settings
+        x = obs.images[i]  # (N, C_in, H, W)
+        P, d = s.proposals, h.inp.weight[0].numel()
+        W = torch.randn(P, 1, d, generator=gen) / math.sqrt(d)  # lecun normal on the patch
+        b = torch.randn(P, 1, generator=gen)
+        feats = ConvCandidates(h, x)
+        W, b, _, val = ascend(x, t, W.to(x), b.to(x), None, h.act, s.ascent_steps, s.ascent_lr, s.logdet_reg,
+                              features=feats, chunk=CONV_CHUNK)
+        k = int(val.argmax())
+        Wk, bk = W[k:k + 1], b[k:k + 1]
+        v = float(score(ConvCandidates(h, obs_val.images[i])(Wk, bk), tv)[0])
+        p = Proposal("width", i, Wk[0].reshape(1, *h.inp.weight.shape[1:]), bk[0], None, float(val[k]), v,
+                     t.eta_layer, tv.eta_layer, t.loss_sqnorm)
+        p.eligible = (v > s.tau * tv.eta_layer) and (p.delta_eta > s.abs_thresh * t.loss_sqnorm)
+        p.key = p.delta_eta
+        p.moments = channel_moments(x, h.inp, Wk)
         return p
 
     def _depth(self, i: int, obs: Observation, obs_val: Observation, t: Target, tv: Target,
@@ -450,8 +505,11 @@ class Senn(GrowthMethod):
         extra = {k: v for k, v in p.info(eta).items() if k not in ("kind", "position", "eligible")}
         extra.update(check=self.checks, round=rnd)
         if p.kind == "width":
-            w_out = torch.zeros(h.out.out_features, 1, device=h.out.weight.device)
-            model.add_units(h.name, p.W, p.b, w_out, act_init=p.coef)  # W (1, d_in), b (1,), coef (1, 3)
+            O = h.out.weight  # (d_out, d_in) or (C_out, C, kh, kw): the new unit's column stays zero
+            w_out = torch.zeros(O.shape[0], 1, *O.shape[2:], device=O.device, dtype=O.dtype)
+            model.add_units(h.name, p.W, p.b, w_out, act_init=p.coef)  # W (1, d_in) | (1, C_in, kh, kw), b (1,)
+            if h.bn is not None and p.moments is not None:
+                self._init_bn_channel(h.bn, p)
             return GrowthEvent(where=h.name, kind="add", units_added=1, predicted_loss_change=0.0, extra=extra)
         probe = X[:256]
         before = model(probe)
@@ -483,6 +541,21 @@ class Senn(GrowthMethod):
         extra.update(after=h.name, basis=basis)
         return GrowthEvent(where=new, kind="insert", units_added=lin.out_features, predicted_loss_change=0.0,
                            extra=extra)
+
+
+    @staticmethod
+    @torch.no_grad()
+    def _init_bn_channel(bn: nn.BatchNorm2d, p: Proposal) -> None:
+        """The new channel's BatchNorm computes exactly the scored w·u + b in eval mode and ≈ it in train
+        mode: running mean μ and variance σ² − eps (floored) of w·u on the statistics pass, weight
+        √(running var + eps), shift b + μ. (add_units starts it at identity; the outgoing weights are zero,
+        so the network's function is unchanged either way.)"""
+        mu, var = p.moments
+        rv = max(var - bn.eps, bn.eps)
+        bn.running_mean[-1] = mu
+        bn.running_var[-1] = rv
+        bn.weight[-1] = math.sqrt(rv + bn.eps)
+        bn.bias[-1] = float(p.b.reshape(-1)[0]) + mu
 
 
 class SennSgd(Senn):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from growbench.models.activations import Rational, rational_dx, rational_param_grads
@@ -51,6 +52,47 @@ def with_ones(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
 
 
+# --------------------------------------------------------------------------- layers: Linear and Conv2d alike
+Layer = nn.Linear | nn.Conv2d
+
+
+def net_layers(model: nn.Module) -> list[Layer]:
+    """The Kronecker-factored layers in forward order: an MLP's linears, a VGG's convs and its classifier."""
+    if hasattr(model, "linears"):
+        return list(model.linears)
+    return [*model.convs, model.classifier]
+
+
+def fan_in(mod: Layer) -> int:
+    """d_in of the weight matrix: in_features, or C_in·kh·kw of a conv (its unfolded patch)."""
+    return mod.in_features if isinstance(mod, nn.Linear) else mod.weight[0].numel()
+
+
+def fan_out(mod: Layer) -> int:
+    return mod.weight.shape[0]
+
+
+def input_rows(x: Tensor, mod: Layer) -> Tensor:
+    """The layer's input as one row per (example, output position), n-major: Linear x (N, d) -> (N, d);
+    Conv2d x (N, C, H, W) -> unfolded patches (N·L, C·kh·kw), L = output positions (KFC's im2col)."""
+    if isinstance(mod, nn.Linear):
+        return x.flatten(1)
+    u = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)  # (N, D, L)
+    return u.transpose(1, 2).reshape(-1, u.shape[1])
+
+
+def output_rows(g: Tensor) -> Tensor:
+    """Output (gradient) rows in the order of `input_rows`: (N, C) -> (N, C); (N, C, H', W') -> (N·L, C)."""
+    if g.dim() == 2:
+        return g
+    return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
+
+
+def positions(g: Tensor) -> int:
+    """L: output positions per example of a layer output (N, C) or (N, C, H', W')."""
+    return 1 if g.dim() == 2 else g.shape[2] * g.shape[3]
+
+
 # --------------------------------------------------------------------------- running factors
 @dataclass
 class LayerFactors:
@@ -60,8 +102,8 @@ class LayerFactors:
     G_inv: Tensor | None = None
     A_fresh: bool = True  # A changed since A_inv was computed
 
-    def fits(self, mod: nn.Linear) -> bool:
-        return self.A.shape[0] == mod.in_features + 1 and self.G.shape[0] == mod.out_features
+    def fits(self, mod: Layer) -> bool:
+        return self.A.shape[0] == fan_in(mod) + 1 and self.G.shape[0] == fan_out(mod)
 
 
 @dataclass
@@ -96,7 +138,7 @@ class KFACStats:
     def attach(self, model: "MLP") -> None:
         """Hook every Linear and Rational of `model` not hooked yet (call again after a layer is inserted)."""
         self.model = model
-        for mod in [*model.linears, *[a for a in model.acts if isinstance(a, Rational)]]:
+        for mod in [*net_layers(model), *self.rationals()]:
             if mod not in self._hooked:
                 self._hooked[mod] = mod.register_forward_hook(self._on_forward)
 
@@ -114,11 +156,12 @@ class KFACStats:
             self._g[mod] = g.detach()
         out.register_hook(keep)
 
-    def linears(self) -> list[nn.Linear]:
-        return list(self.model.linears)
+    def linears(self) -> list[Layer]:
+        """Every Kronecker-factored layer (Linear, or Conv2d of a VGG)."""
+        return net_layers(self.model)
 
     def rationals(self) -> list[Rational]:
-        return [a for a in self.model.acts if isinstance(a, Rational)]
+        return [a for a in getattr(self.model, "acts", []) if isinstance(a, Rational)]
 
     # ---------------------------------------------------------------- EMA update from the training step
     @torch.no_grad()
@@ -137,7 +180,7 @@ class KFACStats:
         for j, mod in enumerate(mods):
             # the first layer's A = E[x xᵀ] is a statistic of the data alone: the statistics pass's
             # estimate is kept (its (d_in+1)² update per step and d_in³ inversion were most of the cost)
-            A, G = linear_factors(self._x[mod].flatten(1), self._g[mod], w, with_A=j > 0 or mod not in self.layers)
+            A, G = layer_factors(mod, self._x[mod], self._g[mod], w, with_A=j > 0 or mod not in self.layers)
             self._fold_linear(mod, A, G)
         for act in self.rationals():
             if act in self._x and act in self._g:
@@ -202,14 +245,16 @@ class KFACStats:
             f.A_fresh = False
         f.G_inv = spd_inverse(damped(f.G, self.damping))
 
-    def natural_linear(self, mod: nn.Linear, gW: Tensor, gb: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
-        """Ĝ⁻¹ [∇W, ∇b] Â⁻¹ split back into (weight, bias) directions; None without fitting factors."""
+    def natural_linear(self, mod: Layer, gW: Tensor, gb: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
+        """Ĝ⁻¹ [∇W, ∇b] Â⁻¹ split back into (weight, bias) directions, the weight one in gW's shape (a conv
+        kernel (C_out, C_in, kh, kw) is its (C_out, C_in·kh·kw) matrix); None without fitting factors."""
         f = self.layers.get(mod)
         if f is None or not f.fits(mod) or f.A_inv is None:
             return None
+        gW2 = gW.reshape(gW.shape[0], -1)
         gb_ = gb if gb is not None else gW.new_zeros(gW.shape[0])
-        nat = f.G_inv @ torch.cat([gW, gb_[:, None]], 1) @ f.A_inv  # (d_out, d_in+1)
-        return nat[:, :-1], (nat[:, -1] if gb is not None else None)
+        nat = f.G_inv @ torch.cat([gW2, gb_[:, None]], 1) @ f.A_inv  # (d_out, d_in+1)
+        return nat[:, :-1].reshape(gW.shape), (nat[:, -1] if gb is not None else None)
 
     def natural_act(self, act: Rational, grads: Tensor) -> Tensor | None:
         """grads (width, 3) of (v, c, l) -> diagonal natural gradient; None without fitting factors."""
@@ -227,6 +272,8 @@ class KFACStats:
         if last not in self._g or any(m not in self._x for m in mods):
             return None
         e = self._g[last]  # (B, d_out): gradient of the batch-mean loss = e_n / B, the scale cancels in c
+        if not hasattr(self.model, "acts"):  # a CNN: one c per layer (see `layer_step_lengths`)
+            return None
         acts = list(self.model.acts)
         dx = torch.zeros_like(self._x[mods[0]].flatten(1))
         for j, lin in enumerate(mods):
@@ -248,6 +295,39 @@ class KFACStats:
         if not den > 0:
             return None
         return float((dy * e).sum()) * e.shape[0] / den  # e·B: the per-sample gradients of the official code
+
+    @torch.no_grad()
+    def layer_step_lengths(self, directions: dict[Tensor, Tensor]) -> dict[Tensor, float] | None:
+        """A CNN's step lengths, one per layer: c = argmin Σ‖e·B − Σ_l c_l Jt_l‖² (K×K least squares, K =
+        layers with a direction; Jt_l by forward mode through the whole net, train-mode BN).
+
+        Why not the single c of `step_length`: KFC's factors assume output derivatives uncorrelated across
+        positions, so a conv block's direction is mis-scaled by up to its number of positions (measured on
+        cifar-small: conv directions ~1e6 x the classifier's, and the one least-squares c fell to ~1e-8,
+        which froze training). One c per layer is the same least-squares rescaling of the official code
+        with a coefficient per Kronecker block; with one layer it is the official one."""
+        from growbench.methods.senn_conv import net_jvp
+
+        mods = self.linears()
+        last = mods[-1]
+        if last not in self._g or mods[0] not in self._x:
+            return None
+        e = self._g[last] * self._g[last].shape[0]  # (B, d_out) per-sample output gradients
+        groups = []
+        for mod in mods:
+            ps = [p for p in (mod.weight, mod.bias) if p is not None and p in directions]
+            if ps:
+                groups.append(ps)
+        if not groups:
+            return None
+        X = self._x[mods[0]]
+        J = torch.stack([net_jvp(self.model, X, {p: directions[p] for p in ps}, train=True).flatten()
+                         for ps in groups]).double()  # (K, B·d_out)
+        M = J @ J.T  # (K, K)
+        v = J @ e.flatten().double()  # (K,)
+        ridge = 1e-10 * float(torch.diagonal(M).max()) + 1e-30
+        c = torch.linalg.solve(M + ridge * torch.eye(len(groups), dtype=M.dtype), v)
+        return {p: float(ci) for ci, ps in zip(c, groups) for p in ps}
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -290,6 +370,27 @@ def sample_weights(e: Tensor) -> Tensor:
     return torch.where(n2 > 0, 1.0 / n2.clamp_min(1e-30), torch.zeros_like(n2))
 
 
+def layer_factors(mod: Layer, x: Tensor, g: Tensor, w: Tensor, with_A: bool = True) -> tuple[Tensor | None, Tensor]:
+    """Fresh factors of one layer from its input x and output gradient g, w (N,) the per-example weights.
+
+    Linear: `linear_factors`. Conv2d (KFC, Grosse & Martens 2016): rows = (example n, output position p),
+    a_np = [patch, 1] (C_in·kh·kw + 1), g_np (C_out); with L positions per example
+        A = (1/(N·L)) Σ_{n,p} a aᵀ          mean over examples and positions
+        G = (1/N)     Σ_{n,p} w_n g gᵀ      mean over examples, *sum* over positions
+    KFC's Fisher block is L·Ā⊗Ḡ (both position means: spatially uncorrelated derivatives); the L is
+    folded into G, so F ≈ A⊗G and every formula of the dense case (η, natural gradients of the real
+    weight gradient Γ = Σ_p E_n[g aᵀ]) holds unchanged."""
+    if isinstance(mod, nn.Linear):
+        return linear_factors(x.flatten(1), g, w, with_A)
+    n, L = x.shape[0], positions(g)
+    gh = output_rows(g) * w.repeat_interleave(L).sqrt()[:, None]  # (N·L, C_out)
+    G = gh.T @ gh / n
+    if not with_A:
+        return None, G
+    a = with_ones(input_rows(x, mod))  # (N·L, D+1)
+    return a.T @ a / (n * L), G
+
+
 def linear_factors(x: Tensor, g: Tensor, w: Tensor, with_A: bool = True) -> tuple[Tensor | None, Tensor]:
     """x (N, d_in), g (N, d_out), w (N,) -> A = E[a aᵀ] (d_in+1)² (None unless with_A), G = E[w g gᵀ] (d_out)²."""
     n = x.shape[0]
@@ -321,7 +422,7 @@ class KFACNaturalGradient(torch.optim.Optimizer):
     rescaling the official code applies to its natural-gradient direction (`Jt_rescale`). Block-diagonal
     K-FAC directions overshoot when every layer fits the whole residual at once; c makes the step exact
     along t (one extra forward-mode pass per step), so lr is a fraction of that step, as the official
-    lr 0.1 is of its CG natural-gradient step.
+    lr 0.1 is of its CG natural-gradient step. CNNs get one c per layer (`KFACStats.layer_step_lengths`).
 
     It keeps no state per parameter (the curvature lives in `KFACStats`), so growth needs nothing from
     it; the two parameter groups mirror `growbench.optim.build_optimizer` (0: weights with decay,
@@ -374,10 +475,24 @@ class KFACNaturalGradient(torch.optim.Optimizer):
                 if nat is not None:
                     for i, p in enumerate(ps):
                         directions[p] = nat[:, i]
+        cnn = self.stats.model is not None and not hasattr(self.stats.model, "acts")
+        plain = {}
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is not None and p not in directions:
-                    directions[p] = p.grad
+                    # a CNN's BatchNorm γ, β (no Kronecker factors): a plain SGD step at the suite's lr, kept
+                    # out of c (the least-squares length of the natural direction would rescale them wildly)
+                    (plain if cnn else directions)[p] = p.grad
+        for p, d in plain.items():
+            g = group_of.get(id(p))
+            if g is not None:
+                p.add_(d + g["weight_decay"] * p if g["weight_decay"] else d, alpha=-g["lr"])
+        if cnn:
+            per = self.stats.layer_step_lengths(directions) or {}
+            self.last_scale = per
+            for p, d in directions.items():  # no length (tensors missing): no step, never an unscaled one
+                apply(p, d * per.get(p, 0.0))
+            return loss
         c = self.stats.step_length(directions) if self.stats.model is not None else None
         self.last_scale = 1.0 if c is None else c
         for p, d in directions.items():
@@ -391,7 +506,11 @@ class Observation:
     """One statistics pass of an MLP on N examples (all per layer j of `model.linears`, float32):
     inputs x_j (N, d_in), per-sample output gradients g_j = ∂ℓ_n/∂y_j (N, d_out), residual gradients
     r_j (N, d_out: backprop of e − c·Jt), fresh factors A_j, G_j, the gradient Γ_j = E[g aᵀ] (d_out, d_in+1),
-    per-sample weights w = 1/‖e‖², ‖dL‖² = E‖e‖², and η = Σ⟨Γ, natural direction⟩ with the running factors."""
+    per-sample weights w = 1/‖e‖², ‖dL‖² = E‖e‖², and η = Σ⟨Γ, natural direction⟩ with the running factors.
+
+    A CNN's pass (`senn_conv.observe_net`) stores conv layers as rows (example, position), n-major:
+    inputs x_j (N·L_j, C_in·kh·kw) unfolded patches, grads/residuals (N·L_j, C_out), `positions` L_j, and
+    the raw input images of every layer in `images` (what candidate channels are computed from)."""
 
     n: int
     inputs: list[Tensor]
@@ -406,6 +525,8 @@ class Observation:
     eta: float
     tangent: dict = field(default_factory=dict)  # "lin": [(TW, Tb)], "act": {i: (width, 3)}
     jt_coef: float = 0.0  # c of the residual e − c·Jt
+    positions: list[int] = field(default_factory=list)  # L_j per layer (empty: all 1, an MLP)
+    images: list[Tensor] = field(default_factory=list)  # CNN: input of every layer as the layer sees it
 
 
 def mlp_forward(model: "MLP", X: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -446,7 +567,12 @@ def observe(model: "MLP", loss_fn: Callable, X: Tensor, Y: Tensor, stats: KFACSt
     3. tangent t = the natural-gradient direction of Γ under the running factors (unless given, or zero
        with `pure_kfac`); η = ⟨Γ, t⟩;
     4. Jt = forward-mode derivative of the outputs along t; c = Σ(Jt·e)/Σ(Jt·Jt); r_j = backprop of e − c·Jt.
+    A CNN goes to `senn_conv.observe_net` (the same steps with KFC factors, BatchNorm in eval mode).
     """
+    if not hasattr(model, "linears"):
+        from growbench.methods.senn_conv import observe_net
+
+        return observe_net(model, loss_fn, X, Y, stats, tangent, pure_kfac, residual)
     was = None if stats is None else stats.recording
     if stats is not None:
         stats.recording = False
