@@ -507,10 +507,13 @@ def test_conv_channel_keeps_the_function_and_computes_the_scored_features():
         m.train(), ref.train()  # batch statistics: the new channel has its own, its out-weights are zero
         torch.testing.assert_close(m(X), ref(X), atol=1e-6, rtol=1e-6)
         m.eval()
-        # BatchNorm init: in eval mode the new channel is exactly relu(w·u + b), what was scored
-        new = m.act(m.bns[0](m.convs[0](X)))[:, 2:]
+        # BatchNorm init: in eval mode the new channel is relu(w·u + b), what was scored, at unit scale
+        bn = m.bns[0]
+        sigma = float(torch.sqrt(bn.running_var[-1] + bn.eps))
+        new = m.act(bn(m.convs[0](X)))[:, 2:] * sigma
         want = torch.relu(F.conv2d(X, p.W, p.b, padding=1))
         torch.testing.assert_close(new, want, atol=1e-4, rtol=1e-4)  # float32 rounding of the BN affine
+        assert float(bn.weight[-1]) == 1.0
         H = ConvCandidates(h, X)(p.W.reshape(1, 1, -1), p.b.reshape(1, 1))
         u = F.unfold(new, 3, padding=1, stride=2)  # what conv1 reads of the new channel
         torch.testing.assert_close(H[0], u.transpose(1, 2).reshape(-1, 9), atol=1e-4, rtol=1e-4)
@@ -552,7 +555,9 @@ def test_conv_lower_bound_never_exceeds_the_exact_kfac_gain():
             old = obs.inputs[j].shape[1]
             E = o2.inputs[j].shape[1] - old  # the new channel's slice of the consumer's patch
             # the consumer's unfolded patch is channel-major: the new channel's E entries come last
-            Hp = o2.inputs[j][:, old:] if E else None
+            bn = grown.hidden_layers()[i].bn  # the channel is installed at unit scale: relu(w·u + b)/σ
+            sigma = torch.sqrt(bn.running_var[-1] + bn.eps)
+            Hp = o2.inputs[j][:, old:] * sigma if E else None
             torch.testing.assert_close(Hp, ConvCandidates(h, obs.images[i])(W[p:p + 1], b[p:p + 1])[0])
             gain = _conv_extended_eta(obs, j, Hp, t.delta, s) - base
             assert 0 <= float(bound[p]) <= gain * (1 + 1e-6) + 1e-12, (i, p, float(bound[p]), gain)
@@ -615,7 +620,7 @@ def test_cnn_step_lengths_are_the_per_layer_least_squares_and_move_the_kernels(r
         opt.zero_grad()
         loss = cls_loss(m(X), Y)
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         opt.step()
         nat.after_step(m, ctx)
     # measured: per-layer lengths 2.345 -> 2.100 in these 10 steps; the single official c 2.345 -> 2.254

@@ -35,8 +35,8 @@ input patches with a bias 1 (mean over examples and positions), G from the per-p
 steps (the classifier stays a Linear). Width only: a candidate channel is a filter (+ bias) on the layer's
 input patches through the family's ReLU (no rational activation: VGG has one shared ReLU), scored by what
 it adds to the next conv's unfolded patches (kh·kw features per row) or, after the last conv, to the
-classifier's pooled input; its BatchNorm channel is set so that it computes exactly the scored
-relu(w·u + b) in eval mode (statistics passes run BatchNorm in eval mode). Our decisions: depth proposals
+classifier's pooled input; its BatchNorm channel is set so that it computes the scored relu(w·u + b)
+at unit scale in eval mode (statistics passes run BatchNorm in eval mode). Our decisions: depth proposals
 and the `activation` setting are ignored for vgg (not implemented), BatchNorm parameters are trained with
 their plain gradient in `senn`, and the resnet family is refused (config check and setup).
 """
@@ -546,16 +546,19 @@ class Senn(GrowthMethod):
     @staticmethod
     @torch.no_grad()
     def _init_bn_channel(bn: nn.BatchNorm2d, p: Proposal) -> None:
-        """The new channel's BatchNorm computes exactly the scored w·u + b in eval mode and ≈ it in train
-        mode: running mean μ and variance σ² − eps (floored) of w·u on the statistics pass, weight
-        √(running var + eps), shift b + μ. (add_units starts it at identity; the outgoing weights are zero,
-        so the network's function is unchanged either way.)"""
+        """The new channel's BatchNorm computes the scored relu(w·u + b) at unit scale, relu((w·u + b)/σ), in
+        eval mode (≈ in train mode): running mean μ and variance σ² − eps (floored) of w·u on the
+        statistics pass, weight 1, shift (b + μ)/σ. The score is invariant to the feature's scale (but for
+        its damping); the unscaled feature (weight σ, which the ascent can make large) made the new
+        out-weights' SGD gradients blow up a cifar-small run (train loss 2.3 -> 357 after a check).
+        add_units starts the BN at identity; the out-weights are zero, so the function is unchanged."""
         mu, var = p.moments
         rv = max(var - bn.eps, bn.eps)
+        sigma = math.sqrt(rv + bn.eps)
         bn.running_mean[-1] = mu
         bn.running_var[-1] = rv
-        bn.weight[-1] = math.sqrt(rv + bn.eps)
-        bn.bias[-1] = float(p.b.reshape(-1)[0]) + mu
+        bn.weight[-1] = 1.0
+        bn.bias[-1] = (float(p.b.reshape(-1)[0]) + mu) / sigma
 
 
 class SennSgd(Senn):
