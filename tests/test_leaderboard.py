@@ -259,3 +259,12 @@ def test_a_method_run_outside_the_suite_list_is_shown_with_its_missing_seeds(toy
     leaderboard(root)
     md, df, _ = tables(root)
     assert "senn-sgd" not in set(df["method"]) and "belong to another configuration" in md
+
+
+def test_fixed_size_baselines_are_the_methods_that_do_not_grow():
+    from growbench.report.collect import is_fixed
+
+    assert is_fixed("fixed-large", "fixed") and is_fixed("tiny-matched", "fixed-matched")
+    assert is_fixed("optuna-fixed", "optuna-fixed")
+    assert not is_fixed("tiny", "tiny") and not is_fixed("random-1-64", "random")
+    assert is_fixed("my-fixed", "not-installed") and not is_fixed("mine", "not-installed")  # by name

@@ -43,8 +43,14 @@ class Board:
 
 
 def is_fixed(name: str, target: str) -> bool:
-    """A fixed-size baseline: the `fixed` method under any alias, or a name that says so (optuna-fixed)."""
-    return target in FIXED_TARGETS or "fixed" in name
+    """A fixed-size baseline: a registered method that declares `grows = False` (fixed, fixed-matched,
+    optuna-fixed, under any alias), or, for a method not installed here, a name that says so."""
+    from growbench.methods import load_method_class
+
+    try:
+        return not load_method_class(target).grows
+    except Exception:  # noqa: BLE001 - a plugin that is not installed: fall back on its name
+        return target in FIXED_TARGETS or "fixed" in name
 
 
 def _rel(text: str, results_dir: str) -> str:
