@@ -1,7 +1,8 @@
 """Cost of SENN's score bookkeeping (per training step) and of one expansion check, relative to a training
-epoch, for the suite's MLP (default: mnist) at a few widths.
+epoch, for the suite's network (default: mnist's MLP; `--suite cifar-small` for the VGG) at a few widths.
 
-Every hidden layer gets w units with SENN's rational activation. Columns:
+MLP: every hidden layer gets w units with SENN's rational activation. VGG: the suite's caps scaled so the
+first conv has w channels (cifar-small, w = 16: 16/16/32/32), the family's ReLU. Columns:
   step ms       one ordinary training step with the suite's optimizer (mean over --steps steps);
   keep ms       `after_step` of senn-sgd on those steps: running K-FAC factors and amortised inversions
                 (the per-step bookkeeping, charged as growth overhead in a record), with its settings;
@@ -30,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from growbench.config import load_suite
 from growbench.methods import resolve_method
-from growbench.models import MLP
+from growbench.models import MLP, build_model
 from growbench.optim import build_optimizer, sync_optimizer
 from growbench.runner import load_data, resolve_device
 from growbench.trainer import Context
@@ -91,7 +92,7 @@ def check_seconds(model, data, suite, device, flop_counter: bool) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", default="mnist")
-    ap.add_argument("--widths", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--widths", type=int, nargs="+", default=None, help="default: 16 64 256 (MLP), 4 8 16 (VGG)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("overrides", nargs="*",
@@ -115,9 +116,15 @@ def main() -> None:
             f"{'check s':>8} {'+flops s':>9} {'check/epoch':>11}")
     print(head)
     print("-" * len(head))
-    for w in args.widths:
+    mlp = suite.model.family == "mlp"
+    caps = suite.model.max_hidden or suite.model.hidden
+    for w in args.widths or ([16, 64, 256] if mlp else [4, 8, 16]):
         torch.manual_seed(0)
-        model = MLP(data.input_shape, data.num_outputs, [w] * len(suite.model.hidden), "rational").to(device)
+        if mlp:
+            model = MLP(data.input_shape, data.num_outputs, [w] * len(suite.model.hidden), "rational").to(device)
+        else:
+            hidden = [max(1, round(c * w / caps[0])) for c in caps]
+            model = build_model(suite.model, data.input_shape, data.num_outputs, hidden).to(device)
         step, _ = time_steps(model, data, suite, device, args.steps)
         _, keep = time_steps(model, data, suite, device, args.steps, resolve_method(suite, "senn-sgd").instantiate())
         senn, senn_keep = time_steps(model, data, suite, device, args.steps,
