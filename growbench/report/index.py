@@ -18,7 +18,8 @@ Records live under `runs/<suite>/<dataset>/<method>/`; each leaderboard uses onl
 config hash matches the suite as configured when the leaderboard was made, and names missing cells.
 
 Figures (PNG 200 dpi and PDF, per dataset): **metric-vs-params**: final test accuracy (or loss) vs final
-parameters, one faint dot per seed, the mean with ± 1 std error bars, and the fixed-size baselines'
+parameters, one faint dot per seed, the mean with ± 1 std error bars (on a log loss axis: the
+seed range), and the fixed-size baselines'
 Pareto front as a dotted step line; **anytime-wallclock** / **anytime-flops**: the metric at every
 evaluation point vs cumulative training cost (train + growth; search not included), mean over seeds
 interpolated on a common grid, band = range over seeds, a finished run keeping its final value;

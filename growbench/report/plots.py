@@ -156,13 +156,20 @@ class Plotter:
     def metric_vs_params(self) -> Figure:
         fig, ax = _new_figure(2.5)
         handles = []
+        log_y = not self.higher and _wide(self._y(self.cells["metric"]))
         for m in self.methods:
             g = self.cells[self.cells["method"] == m]
             st = _style(m, self.fixed[m])
             y = self._y(g["metric"])
             sns.scatterplot(x=g["params"].to_numpy(dtype=float), y=y, ax=ax, s=9, color=st["color"],
                             marker=st["marker"], alpha=0.35, linewidth=0, zorder=3, legend=False)
-            ax.errorbar(g["params"].mean(), y.mean(), yerr=y.std(ddof=1) if len(y) > 1 else None,
+            if len(y) < 2:
+                yerr = None
+            elif log_y:  # mean ± std can cross zero on a log axis: the bar is the seed range there
+                yerr = [[y.mean() - y.min()], [y.max() - y.mean()]]
+            else:
+                yerr = y.std(ddof=1)
+            ax.errorbar(g["params"].mean(), y.mean(), yerr=yerr,
                         color=st["color"], marker=st["marker"], markersize=5, markeredgecolor="white",
                         markeredgewidth=0.5, capsize=2, elinewidth=0.8, linestyle="none", zorder=4)
             handles.append(_handle(m, self.fixed[m], marker=True))
