@@ -13,7 +13,11 @@ after --budget seconds: gromo's conv step takes seconds). Cases:
           (conv1 stride 2 -> BN -> ReLU -> conv2 3x3): gromo's FullConv2dGrowingModule pair
 
     python benchmarks/tiny_vs_gromo.py [--case mlp|conv|both] [--examples 256] [--batch 128] [--repeats 5]
-                                        [--budget 20]
+                                        [--budget 20] [--suite mnist] [--results results]
+
+It ends with the growth share of tiny's wall-clock in a suite's records (default: mnist, from
+`growbench run suite=mnist methods=[tiny]`), per seed: growth s / (train s + growth s), as the
+leaderboard computes it; the records' FLOPs give the load-independent share beside it.
 """
 from __future__ import annotations
 
@@ -102,6 +106,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget", type=float, default=20.0, help="stop repeating a case after this many seconds")
+    ap.add_argument("--suite", default="mnist", help="suite whose tiny records give the growth share")
+    ap.add_argument("--results", default="results", help="results folder of those records")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.examples} examples, "
           f"batch {args.batch}, best of up to {args.repeats} repeats ({args.budget:g} s per case)")
@@ -125,6 +131,27 @@ def main() -> None:
         print(f"{case:5s} hidden {name}: growbench {t_ours:.3f} s, gromo {t_theirs:.3f} s, "
               f"growbench/gromo = {t_ours / t_theirs:.2f}  (first-order gain {fo_ours:.6g} vs {fo_theirs:.6g}, "
               f"rel. diff {abs(fo_ours - fo_theirs) / abs(fo_theirs):.1e})")
+
+    growth_share(args.suite, args.results)
+
+
+def growth_share(suite_name: str, results: str) -> None:
+    """tiny's growth share in the records of `suite_name` that match the suite as configured now."""
+    from growbench.config import load_suite
+    from growbench.report.collect import collect
+
+    board = collect(load_suite(suite_name, [f"results_dir={results}"]))
+    cells = board.cells[(board.cells["method"] == "tiny") & (board.cells["status"] == "ok")]
+    if cells.empty:
+        print(f"suite {suite_name}: no tiny records under {results}/ (growbench run suite={suite_name} methods=[tiny])")
+        return
+    for _, c in cells.iterrows():
+        flops = c["growth_flops"] / (c["growth_flops"] + c["train_flops"])
+        print(f"suite {suite_name} {c['dataset']} seed {c['seed']}: tiny growth {c['wall_growth']:.1f} s of "
+              f"{c['wall_growth'] + c['wall_train']:.1f} s = {c['growth_share']:.1%} of wall-clock "
+              f"({flops:.1%} of FLOPs)")
+    print(f"suite {suite_name}: tiny growth share {cells['growth_share'].mean():.1%} of wall-clock (mean of "
+          f"{len(cells)} seeds)")
 
 
 if __name__ == "__main__":
