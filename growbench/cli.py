@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every cell (dataset x method x seed) of a suite that has no record yet.",
                        epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("overrides", nargs="*", metavar="key=value", help="suite=NAME and overrides")
-    r.add_argument("--dry-run", action="store_true", help="print the plan, what is done and a cost estimate; run nothing")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the plan, what is done and a cost estimate; run nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
     se = sub.add_parser("search", help="Optuna search of a fixed-size baseline per dataset; best -> baselines/best/",

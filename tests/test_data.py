@@ -53,7 +53,8 @@ def write_cifar(root: Path, name: str = "cifar10", n: int = 12, seed: int = 0) -
     """A tiny CIFAR layout: n images per batch file, labels cycling over the classes."""
     rs = np.random.RandomState(seed)
     if name == "cifar10":
-        folder, files, label_key, classes = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels", 10
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        folder, label_key, classes = "cifar-10-batches-py", "labels", 10
         meta_file, meta = "batches.meta", {"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": n}
     else:
         folder, files, label_key, classes = "cifar-100-python", ["train", "test"], "fine_labels", 100

@@ -358,9 +358,9 @@ class KFACStats:
                     else:
                         f.A_inv, f.G_inv = Ai.to(m.weight), Gi.to(m.weight)
                         f.A_fresh = fresh
-        for a, F in zip(acts, state["F"]):
-            if F is not None and F.shape[0] == a.width:
-                self.acts[a] = ActFactors(F.to(a.v))
+        for a, Fa in zip(acts, state["F"]):
+            if Fa is not None and Fa.shape[0] == a.width:
+                self.acts[a] = ActFactors(Fa.to(a.v))
         self.updates, self.steps, self.inverted_at = state["updates"], state["steps"], state["inverted_at"]
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from growbench.config import ConfigError
 from growbench.methods.base import GrowthEvent, GrowthMethod
+from growbench.methods.tiny import coupling as tiny_coupling
 from growbench.methods.tiny_math import conv_weight_grad, optimal_added_neurons, unfold_input
 from growbench.models import GrowableNet, Hidden
 
@@ -99,23 +100,15 @@ def derivative_at_zero(act: nn.Module) -> float:
 
 
 def coupling(h: Hidden) -> tuple[str | None, str]:
-    """(kind, reason): kind in linear | conv | gap, or None with the reason the layer is skipped."""
-    if h.pool:
-        return None, "max-pool between activation and next layer"
-    if hasattr(h.act, "grown"):
-        return None, f"per-unit activation parameters ({type(h.act).__name__})"
+    """(kind, reason): TINY's couplings (linear | conv | gap, the same statistics), plus GradMax's own
+    condition: zero in-weights must leave the function unchanged, so the activation must map 0 to 0."""
+    kind, reason = tiny_coupling(h)
+    if kind is None:
+        return kind, reason
     with torch.no_grad():
         if float(h.act(torch.zeros(1)).abs()) != 0.0:
             return None, f"{type(h.act).__name__}(0) != 0: zero in-weights would change the function"
-    inp, out = h.inp, h.out
-    if isinstance(inp, nn.Linear) and isinstance(out, nn.Linear):
-        return "linear", ""
-    if isinstance(inp, nn.Conv2d) and inp.groups == 1:
-        if isinstance(out, nn.Conv2d) and out.groups == 1:
-            return "conv", ""
-        if isinstance(out, nn.Linear) and out.in_features == inp.out_channels:
-            return "gap", ""
-    return None, f"unsupported coupling {type(inp).__name__} -> {type(out).__name__}"
+    return kind, ""
 
 
 def growth_matrices(model: GrowableNet, hiddens: list[Hidden], batches: list[tuple[Tensor, Tensor]],
