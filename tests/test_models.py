@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from growbench.config import ModelConfig
-from growbench.models import GrowableNet, ResNet, build_model, count_flops, from_spec
+from growbench.models import VGG, GrowableNet, ResNet, build_model, count_flops, from_spec
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -684,3 +684,19 @@ def test_insert_identity_layer_mlp_module_activation_keeps_spec_buildable(act):
     assert isinstance(fresh.hidden(new).act, act)
     assert fresh.param_count() == model.param_count()
     assert count_flops(fresh, 1) == count_flops(model, 1)
+
+
+def test_add_units_takes_the_new_batchnorm_channels_and_keeps_the_function():
+    torch.manual_seed(0)
+    m = VGG((3, 8, 8), 4, [2, 3], strides=[1, 2], batchnorm=True)
+    x = torch.randn(16, 3, 8, 8)
+    m.eval()
+    before = m(x)
+    w = torch.tensor([0.5, 2.0]), torch.tensor([0.1, -0.2]), torch.tensor([0.3, 0.0]), torch.tensor([4.0, 0.5])
+    h = m.hidden_layers()[0]
+    m.add_units(h.name, torch.randn(2, 3, 3, 3), None, torch.zeros(3, 2, 3, 3), bn_init=w)
+    torch.testing.assert_close(m(x), before)
+    for got, want in zip((h.bn.weight, h.bn.bias, h.bn.running_mean, h.bn.running_var), w):
+        torch.testing.assert_close(got[-2:].detach(), want)
+    with pytest.raises(ValueError, match="bn_init"):
+        m.add_units(h.name, torch.randn(1, 3, 3, 3), None, torch.zeros(3, 1, 3, 3), bn_init=w)

@@ -483,8 +483,7 @@ def _grown_copy(m, i, W, b, X):
     x = observe(grown, cls_loss, X, torch.zeros(len(X), dtype=torch.long), None, residual=False).images[i]
     p.moments = channel_moments(x, h.inp, W)
     grown.add_units(h.name, p.W, p.b, torch.zeros(h.out.weight.shape[0], 1, *h.out.weight.shape[2:],
-                                                 dtype=W.dtype))
-    Senn._init_bn_channel(h.bn, p)
+                                                 dtype=W.dtype), bn_init=Senn.bn_channel(h.bn, p))
     return grown
 
 

@@ -507,9 +507,9 @@ class Senn(GrowthMethod):
         if p.kind == "width":
             O = h.out.weight  # (d_out, d_in) or (C_out, C, kh, kw): the new unit's column stays zero
             w_out = torch.zeros(O.shape[0], 1, *O.shape[2:], device=O.device, dtype=O.dtype)
-            model.add_units(h.name, p.W, p.b, w_out, act_init=p.coef)  # W (1, d_in) | (1, C_in, kh, kw), b (1,)
-            if h.bn is not None and p.moments is not None:
-                self._init_bn_channel(h.bn, p)
+            bn = self.bn_channel(h.bn, p) if h.bn is not None and p.moments is not None else None
+            # W (1, d_in) | (1, C_in, kh, kw), b (1,)
+            model.add_units(h.name, p.W, p.b, w_out, act_init=p.coef, bn_init=bn)
             return GrowthEvent(where=h.name, kind="add", units_added=1, predicted_loss_change=0.0, extra=extra)
         probe = X[:256]
         before = model(probe)
@@ -544,21 +544,19 @@ class Senn(GrowthMethod):
 
 
     @staticmethod
-    @torch.no_grad()
-    def _init_bn_channel(bn: nn.BatchNorm2d, p: Proposal) -> None:
-        """The new channel's BatchNorm computes the scored relu(w·u + b) at unit scale, relu((w·u + b)/σ), in
-        eval mode (≈ in train mode): running mean μ and variance σ² − eps (floored) of w·u on the
-        statistics pass, weight 1, shift (b + μ)/σ. The score is invariant to the feature's scale (but for
-        its damping); the unscaled feature (weight σ, which the ascent can make large) made the new
-        out-weights' SGD gradients blow up a cifar-small run (train loss 2.3 -> 357 after a check).
-        add_units starts the BN at identity; the out-weights are zero, so the function is unchanged."""
+    def bn_channel(bn: nn.BatchNorm2d, p: Proposal) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`add_units`' bn_init (weight, bias, running mean, running var) of the new channel, so that it
+        computes the scored relu(w·u + b) at unit scale, relu((w·u + b)/σ), in eval mode (≈ in train mode):
+        μ and σ² − eps (floored) are the mean and variance of w·u on the statistics pass, weight 1, shift
+        (b + μ)/σ. The score is invariant to the feature's scale (but for its damping); the unscaled
+        feature (weight σ, which the ascent can make large) made the new out-weights' SGD gradients blow up
+        a cifar-small run (train loss 2.3 -> 357 after a check). The out-weights are zero, so the function
+        is unchanged either way."""
         mu, var = p.moments
         rv = max(var - bn.eps, bn.eps)
         sigma = math.sqrt(rv + bn.eps)
-        bn.running_mean[-1] = mu
-        bn.running_var[-1] = rv
-        bn.weight[-1] = 1.0
-        bn.bias[-1] = (float(p.b.reshape(-1)[0]) + mu) / sigma
+        t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+        return t(1.0), t((float(p.b.reshape(-1)[0]) + mu) / sigma), t(mu), t(rv)
 
 
 class SennSgd(Senn):

@@ -98,7 +98,8 @@ class GrowableNet(nn.Module):
     # ---------------------------------------------------------------- primitives
     @torch.no_grad()
     def add_units(self, name: str, w_in: Tensor, b_in: Tensor | None, w_out: Tensor,
-                  act_init: Tensor | None = None) -> None:
+                  act_init: Tensor | None = None,
+                  bn_init: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> None:
         """Append k units to hidden layer `name`.
 
         w_in:  (k, fan_in) or (k, C_in, kh, kw)   new rows of `inp` (layer l-1)
@@ -106,7 +107,9 @@ class GrowableNet(nn.Module):
         w_out: (fan_out, k) or (C_out, k, kh, kw) new columns of `out` (layer l); zeros preserve the function
         act_init: per-unit activation parameters of the new units, for activations that have them
                   (SENN's `Rational`: (k, 3) = (v, c, l); None = the activation's own default draw)
-        New BatchNorm channels start as the identity: weight 1, bias 0, running mean 0, running var 1.
+        bn_init:  (weight, bias, running_mean, running_var), each (k,), of the new BatchNorm channels;
+                  None = the identity: weight 1, bias 0, running mean 0, running var 1. With zero w_out
+                  the function is unchanged either way.
         """
         h = self.hidden(name)
         k = w_in.shape[0]
@@ -126,7 +129,10 @@ class GrowableNet(nn.Module):
             _set_param(self, h.inp, "bias", torch.cat([h.inp.bias, b], 0))
         _set_features(h.inp, out=n + k)
         if h.bn is not None:
-            self._grow_bn(h.bn, torch.ones(k), torch.zeros(k), torch.zeros(k), torch.ones(k))
+            init = bn_init if bn_init is not None else (torch.ones(k), torch.zeros(k), torch.zeros(k), torch.ones(k))
+            if any(tuple(t.shape) != (k,) for t in init):
+                raise ValueError(f"bn_init of {name} must be four tensors of shape ({k},)")
+            self._grow_bn(h.bn, *init)
         self._grow_act(h, k, act_init)
         _set_param(self, h.out, "weight", torch.cat([O, w_out.to(O)], 1))
         _set_features(h.out, inp=n + k)
