@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from growbench.methods.senn_kfac import (KFACStats, Observation, input_rows, layer_factors, net_layers,
-                                         output_rows, positions, sample_weights, with_ones)
+from growbench.methods.senn_kfac import (KFACStats, Observation, input_rows, layer_factors, natural_linears,
+                                         net_layers, output_rows, positions, sample_weights, with_ones)
 
 if TYPE_CHECKING:
     from growbench.models.growable import GrowableNet, Hidden
@@ -120,18 +120,10 @@ def observe_net(model: "GrowableNet", loss_fn: Callable, X: Tensor, Y: Tensor, s
             G.append(Gj)
             Gamma.append(g_rows[j].T @ with_ones(inputs[j]) / n)  # (C_out, D+1): Σ over positions, mean over n
         if stats is not None:
-            fresh = {m: (A[j], G[j]) for j, m in enumerate(layers) if m in set(stats.stale())}
-            if fresh:
-                stats.reset(fresh)
-            stats.prune()
-            stats.fresh_inverses()
-        eta = 0.0
-        natural = {"lin": [], "act": {}}
-        for j, mod in enumerate(layers):
-            nat = None if stats is None else stats.natural_linear(mod, Gamma[j][:, :-1], Gamma[j][:, -1])
-            natural["lin"].append(nat)
-            if nat is not None:
-                eta += float((nat[0] * Gamma[j][:, :-1]).sum() + (nat[1] * Gamma[j][:, -1]).sum())
+            stale = set(stats.stale())
+            stats.refresh({m: (A[j], G[j]) for j, m in enumerate(layers) if m in stale})
+        lin_nat, eta = natural_linears(stats, layers, Gamma)
+        natural = {"lin": lin_nat, "act": {}}
         if tangent is None:
             tangent = {"lin": [None] * len(layers), "act": {}} if pure_kfac else natural
         residuals: list[Tensor] = []

@@ -223,6 +223,14 @@ class KFACStats:
         out = [m for m in self.linears() if m not in self.layers or not self.layers[m].fits(m)]
         return out + [a for a in self.rationals() if a not in self.acts or not self.acts[a].fits(a)]
 
+    def refresh(self, fresh: dict[nn.Module, tuple]) -> None:
+        """After a statistics pass: replace the stale modules' factors by `fresh` estimates, drop the factors
+        of modules that left the network, and invert what changed (a check's natural direction)."""
+        if fresh:
+            self.reset(fresh)
+        self.prune()
+        self.fresh_inverses()
+
     def prune(self) -> None:
         live = set(self.linears()) | set(self.rationals())
         self.layers = {m: f for m, f in self.layers.items() if m in live}
@@ -265,15 +273,14 @@ class KFACStats:
 
     @torch.no_grad()
     def step_length(self, directions: dict[Tensor, Tensor]) -> float | None:
-        """c = Σ(Jt·e)/Σ(Jt·Jt) on the last training step's batch (None when its tensors are missing):
-        Jt by forward mode through the stashed layer inputs, e = the per-sample output gradients."""
+        """An MLP's c = Σ(Jt·e)/Σ(Jt·Jt) on the last training step's batch (None when its tensors are missing):
+        Jt by forward mode through the stashed layer inputs, e = the per-sample output gradients. CNNs use
+        `layer_step_lengths`."""
         mods = self.linears()
         last = mods[-1]
         if last not in self._g or any(m not in self._x for m in mods):
             return None
         e = self._g[last]  # (B, d_out): gradient of the batch-mean loss = e_n / B, the scale cancels in c
-        if not hasattr(self.model, "acts"):  # a CNN: one c per layer (see `layer_step_lengths`)
-            return None
         acts = list(self.model.acts)
         dx = torch.zeros_like(self._x[mods[0]].flatten(1))
         for j, lin in enumerate(mods):
@@ -500,6 +507,19 @@ class KFACNaturalGradient(torch.optim.Optimizer):
         return loss
 
 
+def natural_linears(stats: KFACStats | None, layers: list[nn.Module], Gamma: list[Tensor]
+                    ) -> tuple[list[tuple[Tensor, Tensor | None] | None], float]:
+    """Each layer's natural direction of its gradient Γ_j (d_out, d_in+1) (None without fitting factors) and
+    η = Σ ⟨direction, Γ⟩, the natural expansion score of the network as it is."""
+    out, eta = [], 0.0
+    for j, mod in enumerate(layers):
+        nat = None if stats is None else stats.natural_linear(mod, Gamma[j][:, :-1], Gamma[j][:, -1])
+        out.append(nat)
+        if nat is not None:
+            eta += float((nat[0] * Gamma[j][:, :-1]).sum() + (nat[1] * Gamma[j][:, -1]).sum())
+    return out, eta
+
+
 # --------------------------------------------------------------------------- the statistics pass of a check
 @dataclass
 class Observation:
@@ -610,18 +630,10 @@ def observe(model: "MLP", loss_fn: Callable, X: Tensor, Y: Tensor, stats: KFACSt
             for i, act in act_grad_items(model):
                 if act in stale:
                     fresh[act] = (act_F[i],)
-            if fresh:
-                stats.reset(fresh)
-            stats.prune()
-            stats.fresh_inverses()
+            stats.refresh(fresh)
         # 3. tangent and η
-        eta = 0.0
-        natural = {"lin": [], "act": {}}
-        for j, lin in enumerate(model.linears):
-            nat = None if stats is None else stats.natural_linear(lin, Gamma[j][:, :-1], Gamma[j][:, -1])
-            natural["lin"].append(nat)
-            if nat is not None:
-                eta += float((nat[0] * Gamma[j][:, :-1]).sum() + (nat[1] * Gamma[j][:, -1]).sum())
+        lin_nat, eta = natural_linears(stats, model.linears, Gamma)
+        natural = {"lin": lin_nat, "act": {}}
         for i, act in act_grad_items(model):
             nat = None if stats is None else stats.natural_act(act, act_grad[i])
             if nat is not None:

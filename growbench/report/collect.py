@@ -42,15 +42,18 @@ class Board:
         return "test_acc" if self.higher(dataset) else "test_loss"
 
 
-def is_fixed(name: str, target: str) -> bool:
-    """A fixed-size baseline: a registered method that declares `grows = False` (fixed, fixed-matched,
-    optuna-fixed, under any alias), or, for a method not installed here, a name that says so."""
-    from growbench.methods import load_method_class
+def is_fixed(name: str, target: str, cls: type | None = None) -> bool:
+    """A fixed-size baseline: a method class that declares `grows = False` (fixed, fixed-matched,
+    optuna-fixed, under any alias; `cls`, else looked up in the registry), or, for a method not installed
+    here, a name that says so."""
+    if cls is None:
+        from growbench.methods import load_method_class
 
-    try:
-        return not load_method_class(target).grows
-    except Exception:  # noqa: BLE001 - a plugin that is not installed: fall back on its name
-        return target in FIXED_TARGETS or "fixed" in name
+        try:
+            cls = load_method_class(target)
+        except Exception:  # noqa: BLE001 - a plugin that is not installed: fall back on its name
+            return target in FIXED_TARGETS or "fixed" in name
+    return not cls.grows
 
 
 def _rel(text: str, results_dir: str) -> str:
@@ -79,7 +82,7 @@ def collect(suite: Suite, overrides: list[str] | None = None) -> Board:
         rec = by_hash.get(c.hash)
         name, target = c.method.name, c.method.target
         row = {"dataset": c.dataset, "method": name, "target": target, "seed": c.seed,
-               "is_fixed": is_fixed(name, target), "status": "missing", "failure": ""}
+               "is_fixed": is_fixed(name, target, c.method.cls), "status": "missing", "failure": ""}
         if rec is None:
             rows.append(row)
             continue
